@@ -1,0 +1,111 @@
+"""
+Small helpers shared by the scripts: atomic file writes (a crash never leaves a half-written checkpoint or array
+behind), PNG image grids a person can look at, and the device / seed plumbing every script repeats.
+Imports only torch, numpy and PIL.
+"""
+import os
+import hashlib
+import tempfile
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: readers see the old file or the new, never half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp_', suffix='.pt')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(data, path):
+    """Write bytes to `path` through a temp file + rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp_')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, kind=None):
+    """torch.load(weights_only=True) with errors that say what went wrong and what to run instead."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist' + (f' (train one first: {kind})' if kind else ''))
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or pickled objects that weights_only refuses
+        raise RuntimeError(f'could not read checkpoint {path!r}: {type(e).__name__}: {e}. The file is corrupt or '
+                           f'not a checkpoint of this project; retrain it or point to the right file.') from e
+
+
+def file_sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_uint8_hwc(images):
+    """float (B, 3, H, W) in [-1, 1] -> uint8 numpy (B, H, W, 3)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def uint8_to_float(images):
+    """uint8 (B, H, W, 3) numpy or tensor -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images))
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def save_image_grid(images, path, nrow=8, scale=4, captions=None, caption_width=None):
+    """Save uint8 images (N, H, W, 3) as one PNG grid, upscaled `scale`x with nearest neighbour so pixels stay crisp.
+
+    captions: optional list of strings, one per grid *row*, drawn to the right of the row.
+    """
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    th, tw, pad = h * scale, w * scale, 2
+    font = ImageFont.load_default()
+    text_w = 0
+    if captions:
+        text_w = caption_width or 6 * 48 + 8
+    grid = Image.new('RGB', (ncol * (tw + pad) + pad + text_w, nrows * (th + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        tile = Image.fromarray(images[i]).resize((tw, th), Image.NEAREST)
+        grid.paste(tile, (pad + c * (tw + pad), pad + r * (th + pad)))
+    if captions:
+        x0 = ncol * (tw + pad) + pad + 4
+        chars = max(8, (text_w - 8) // 6)
+        for r, cap in enumerate(captions[:nrows]):
+            lines = textwrap.wrap(cap if cap else '(empty prompt: unconditional)', chars)
+            draw.multiline_text((x0, pad + r * (th + pad) + 2), '\n'.join(lines), fill=(0, 0, 0), font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def pick_device(device='auto'):
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return device
