@@ -1,0 +1,480 @@
+"""
+The text-to-image GPT: a decoder-only transformer that reads a prompt and writes VQGAN image codes, plus the small
+pieces ARRA adds for training (a projector and the alignment loss).
+
+- Sequence (DESIGN.md, "Sequence layout"): [pad .. pad SOT t_1 .. t_k EOT] [BOI] [c_0 .. c_{T-2}], L + T positions.
+  The last T positions (BOI, c_0 .. c_{T-2}) predict c_0 .. c_{T-1}. Text tokens, the BOI vector and image codes have
+  separate embeddings; the output head covers image codes only (text is never generated).
+- Blocks are LlamaGen's (Llama-style): pre-norm RMSNorm computed in fp32, attention with one fused qkv matmul and no
+  biases, SwiGLU feed-forward, rotary position embedding on q and k, F.scaled_dot_product_attention.
+- Positions: one 1-D rotary embedding over the whole sequence. LlamaGen gives its condition tokens an all-zero
+  rotation, which multiplies their q and k by zero (FoundationVision/LlamaGen#54); here every token is rotated.
+- Padding: text is left-padded. Pad keys are masked out of attention, a pad query sees only itself (so no attention
+  row is empty), and because rotary attention depends only on relative positions, shifting the prompt by more or
+  fewer pads leaves every output unchanged.
+- ARRA (arXiv 2503.07334): the hidden state after block `align_layer` at the T image prediction positions (each one a
+  "<HYBNEXT>", nothing is inserted in the sequence) goes through `Projector` and is pulled towards the frozen
+  teacher's global embedding of the target image by `alignment_loss` = 1 - cos. Sampling never uses the projector.
+- Sampling: classifier-free guidance with the conditional and unconditional (empty caption) rows in one batch, a
+  static per-layer KV cache (one prefill over [text, BOI], then one token per step), temperature / top-k / top-p.
+
+References: nanoGPT's model.py (structure, init, optimizer groups, MFU) and LlamaGen's autoregressive/models/gpt.py
+(blocks, sizes, CFG sampling). Imports only torch.
+"""
+import math
+import inspect
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4                # transformer blocks (presets below: LlamaGen's B / L / XL / XXL)
+    n_head: int = 4                 # attention heads; head_dim = n_embd // n_head must be even (rotary pairs)
+    n_embd: int = 128               # model width d
+    codebook_size: int = 512        # V: image code vocabulary (the output head covers codes only)
+    image_tokens: int = 64          # T = grid_h * grid_w codes per image, raster order
+    text_len: int = 28              # L: text block length (left-padded)
+    text_vocab_size: int = 49409    # open_clip BPE 49408 + one pad id
+    text_pad_id: int = 49408        # id of the left pad (data/common.py TEXT_PAD_ID)
+    text_sot_id: int = 49406        # start-of-text id (open_clip)
+    text_eot_id: int = 49407        # end-of-text id (open_clip)
+    dropout: float = 0.0            # embedding/attention/residual/ffn dropout (LlamaGen uses 0.1 on ImageNet)
+    rope_base: float = 10000.0      # rotary frequency base
+    teacher_dim: int = 0            # D of the ARRA teacher embedding; 0 = no projector (inference-only model)
+    projector_hidden: int = 0       # hidden width of the projector MLP; 0 = teacher_dim (the paper's choice)
+    align_layer: int = 1            # align the hidden state after this many blocks (1 = first block, paper default)
+    align_positions: str = 'hybnext'  # 'hybnext': all T image prediction positions (BOI, c_0..c_{T-2}); 'rep': BOI only
+
+
+# Body sizes of LlamaGen's GPT family (autoregressive/models/gpt.py GPT_B .. GPT_XXL); 'tiny' is a CPU-sized model.
+PRESETS = {
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128),
+    'B': dict(n_layer=12, n_head=12, n_embd=768),     # LlamaGen GPT-B, 111M
+    'L': dict(n_layer=24, n_head=16, n_embd=1024),    # GPT-L, 343M
+    'XL': dict(n_layer=36, n_head=20, n_embd=1280),   # GPT-XL, 775M
+    'XXL': dict(n_layer=48, n_head=24, n_embd=1536),  # GPT-XXL, 1.4B
+}
+
+
+def preset_config(name, **overrides):
+    """GPTConfig with a preset body size; any field can be overridden: preset_config('B', codebook_size=16384)."""
+    if name not in PRESETS:
+        raise ValueError(f'unknown GPT preset {name!r}; choose one of {list(PRESETS)}')
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+def check_config(c):
+    """Raise a ValueError naming the problem for a config the model cannot be built from."""
+    problems = []
+    if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2:
+        problems.append(f'n_embd={c.n_embd} must split into n_head={c.n_head} heads of even width (rotary pairs)')
+    if c.text_len < 2:
+        problems.append(f'text_len={c.text_len} cannot hold the empty caption [SOT, EOT]; use at least 2')
+    for name in ('text_pad_id', 'text_sot_id', 'text_eot_id'):
+        if not 0 <= getattr(c, name) < c.text_vocab_size:
+            problems.append(f'{name}={getattr(c, name)} is outside the text vocabulary [0, {c.text_vocab_size})')
+    if not 1 <= c.align_layer <= c.n_layer:
+        problems.append(f'align_layer={c.align_layer} must be in 1..n_layer={c.n_layer}')
+    if c.align_positions not in ('hybnext', 'rep'):
+        problems.append(f"align_positions={c.align_positions!r} must be 'hybnext' or 'rep'")
+    if c.teacher_dim < 0 or c.projector_hidden < 0:
+        problems.append('teacher_dim and projector_hidden must be >= 0 (0 = no projector / hidden = teacher_dim)')
+    if c.image_tokens < 1 or c.codebook_size < 1:
+        problems.append('image_tokens and codebook_size must be positive')
+    if problems:
+        raise ValueError('invalid GPTConfig: ' + '; '.join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics in fp32 (bf16 squares lose precision), cast back to x's dtype."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_angles(head_dim, max_len, base):
+    """cos, sin tables (max_len, head_dim/2): position p rotates pair i by p * base^(-2i/head_dim)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)               # (S, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate consecutive pairs (x_2i, x_2i+1) of x (B, H, S, hd) by the angles of its positions (cos/sin (S, hd/2)),
+    in fp32. q.k then depends only on the distance between the two positions."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                # 2 x (B, H, S, hd/2)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1)  # (B, H, S, hd/2, 2)
+    return out.flatten(-2).type_as(x)                                  # (B, H, S, hd)
+
+
+class KVCache:
+    """One layer's keys and values during generation: full-length tensors allocated at the prefill (with the dtype
+    the keys have then, e.g. bf16 under autocast), written in place, read up to the current position."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.k = self.v = None
+
+    def update(self, start, k, v):
+        """Store k, v (B, H, S, hd) at positions start..start+S-1; return all keys/values so far (B, H, start+S, hd)."""
+        if self.k is None:
+            B, H, _, hd = k.shape
+            self.k = k.new_zeros(B, H, self.max_len, hd)
+            self.v = v.new_zeros(B, H, self.max_len, hd)
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        self.wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
+        self.wo = nn.Linear(config.n_embd, config.n_embd, bias=False)        # output projection (scaled init)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        B, S, C = x.shape
+        q, k, v = self.wqkv(x).split(C, dim=2)                        # 3 x (B, S, C)
+        q = q.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = k.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        v = v.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)                          # (B, H, start+S, hd)
+        # mask (B, 1, S, start+S), True = may attend: causal, pad keys removed, the diagonal always kept
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, S, hd)
+        y = y.transpose(1, 2).contiguous().view(B, S, C)              # (B, S, C)
+        return self.resid_dropout(self.wo(y))
+
+
+def ffn_hidden_dim(n_embd, multiple_of=256):
+    """LlamaGen's SwiGLU width: 2/3 of 4d (so the three matrices cost what a 4d GELU MLP's two do), rounded up to a
+    multiple of 256: 2048 for d=768, 2816 for d=1024."""
+    hidden = int(2 * 4 * n_embd / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = ffn_hidden_dim(config.n_embd)
+        self.w1 = nn.Linear(config.n_embd, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(config.n_embd, hidden, bias=False)  # value
+        self.w2 = nn.Linear(hidden, config.n_embd, bias=False)  # output projection (scaled init)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # (B, S, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(.))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.n_embd)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.n_embd)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Projector(nn.Module):
+    """ARRA's alignment head A: Linear(d, hidden) -> GELU -> Linear(hidden, D), applied to each position separately.
+    Trained with the model, discarded after training."""
+
+    def __init__(self, n_embd, hidden, out_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(n_embd, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, h):
+        return self.fc2(F.gelu(self.fc1(h)))  # (B, P, d) -> (B, P, D)
+
+
+def alignment_loss(projected, target):
+    """ARRA's global visual alignment loss: 1 - mean over batch and positions of cos(projected[b, p], target[b]).
+
+    projected (B, P, D): the projector's output at the P aligned positions; target (B, D): the teacher's global
+    embedding of each target image (one vector per image, shared by all positions). Both sides are L2-normalised
+    here, in fp32. The target is detached: the teacher is frozen, gradients reach only the projector and the GPT.
+    0 when every projection points along its target, 1 when orthogonal, 2 when opposite."""
+    if projected.dim() != 3 or target.dim() != 2 or projected.shape[0] != target.shape[0] \
+            or projected.shape[2] != target.shape[1]:
+        raise ValueError(f'alignment_loss expects projected (B, P, D) and target (B, D); got {tuple(projected.shape)} '
+                         f'and {tuple(target.shape)} (does teacher_dim match the prepared teacher features?)')
+    p = F.normalize(projected.float(), dim=-1)                 # (B, P, D)
+    t = F.normalize(target.detach().float(), dim=-1)           # (B, D)
+    cos = (p * t[:, None, :]).sum(-1)                          # (B, P)
+    return 1.0 - cos.mean()  # P is the same for every row, so this is the mean over positions, then over the batch
+
+
+def attention_mask(key_valid, start, q_len):
+    """Boolean mask (B, 1, q_len, start+q_len) for queries at positions start..start+q_len-1 over keys 0..start+q_len-1
+    (True = may attend): causal, pad keys removed, and each query always sees itself, so a pad query (which has no
+    other visible key under left padding) has a non-empty row and no NaN. key_valid: (B, >= start+q_len) bool."""
+    n_keys = start + q_len
+    q_pos = torch.arange(start, n_keys, device=key_valid.device)  # (q,)
+    k_pos = torch.arange(n_keys, device=key_valid.device)         # (k,)
+    causal = k_pos[None, :] <= q_pos[:, None]                     # (q, k)
+    itself = k_pos[None, :] == q_pos[:, None]                     # (q, k)
+    mask = (causal[None] & key_valid[:, None, :n_keys]) | itself[None]  # (B, q, k)
+    return mask[:, None]                                          # (B, 1, q, k)
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): divide by temperature, keep the top_k largest, keep the smallest set of
+    tokens whose probability mass reaches top_p (nucleus; the most likely token always stays), then draw with
+    torch.multinomial and the given generator. Returns (B, 1) long."""
+    if temperature <= 0:
+        raise ValueError(f'temperature={temperature} must be > 0')
+    logits = logits.float() / temperature                                    # (B, V)
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f'top_k={top_k} must be >= 1 (or None for no top-k filtering)')
+        if top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]           # (B, 1)
+            logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f'top_p={top_p} must be in (0, 1] (or None for no nucleus filtering)')
+        if top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+            probs = sorted_logits.softmax(-1)
+            mass_before = probs.cumsum(-1) - probs                          # mass of the strictly more likely tokens
+            drop_sorted = mass_before >= top_p                               # the first token is never dropped
+            drop = drop_sorted.scatter(-1, order, drop_sorted)               # back to vocabulary order
+            logits = logits.masked_fill(drop, float('-inf'))
+    probs = logits.softmax(-1)                                               # (B, V)
+    return torch.multinomial(probs, 1, generator=generator)                 # (B, 1)
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor                 # (B, T, V) next-code logits at the T image prediction positions
+    loss: torch.Tensor                   # scalar cross-entropy over the T image targets
+    align_hidden: torch.Tensor           # (B, P, d) hidden states after block align_layer at the aligned positions
+    align_loss: Optional[torch.Tensor]   # scalar 1 - cos, when a teacher is given and teacher_dim > 0; else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        d = config.n_embd
+        self.text_embedding = nn.Embedding(config.text_vocab_size, d)
+        self.boi = nn.Parameter(torch.zeros(d))                       # begin-of-image input vector, predicts c_0
+        self.code_embedding = nn.Embedding(config.codebook_size, d)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(d)
+        # No weight tying: the head predicts codes only and LlamaGen keeps separate input and output code tables
+        # (its published sizes count both), so the presets compare like with like.
+        self.head = nn.Linear(d, config.codebook_size, bias=False)
+        self.projector = None
+        if config.teacher_dim > 0:
+            self.projector = Projector(d, config.projector_hidden or config.teacher_dim, config.teacher_dim)
+        # rotary tables for every position of the sequence; not saved (they follow from the config)
+        cos, sin = rope_angles(d // config.n_head, config.text_len + config.image_tokens, config.rope_base)
+        self.register_buffer('rope_cos', cos, persistent=False)      # (L + T, hd/2)
+        self.register_buffer('rope_sin', sin, persistent=False)      # (L + T, hd/2)
+
+        self.apply(self._init_weights)
+        nn.init.normal_(self.boi, mean=0.0, std=0.02)
+        # GPT-2's scaled init: each block adds two residual branches, so their output projections start smaller
+        for name, p in self.named_parameters():
+            if name.endswith('attention.wo.weight') or name.endswith('feed_forward.w2.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self, body_only=False):
+        """Parameter count.
+        body_only=False: everything sampling uses: text/code embeddings, BOI, blocks, final norm, head (the
+          training-only projector is excluded; count it with model.projector.parameters()).
+        body_only=True: the blocks, the final norm, the code embedding and the code head: what LlamaGen's class-
+          conditional GPT counts minus its class embedding (our text table and BOI vector play that role), so it is
+          directly comparable with LlamaGen's published 111M / 343M / 775M / 1.4B."""
+        if body_only:
+            parts = [self.blocks, self.norm, self.code_embedding, self.head]
+            return sum(p.numel() for m in parts for p in m.parameters())
+        proj = set() if self.projector is None else {id(p) for p in self.projector.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in proj)
+
+    def uncond_text(self, batch_size, device=None):
+        """The empty caption [PAD .. PAD, SOT, EOT] (batch_size, L): the unconditional prompt for CFG."""
+        c = self.config
+        row = torch.full((c.text_len,), c.text_pad_id, dtype=torch.long, device=device)
+        row[-2], row[-1] = c.text_sot_id, c.text_eot_id
+        return row.expand(batch_size, -1)
+
+    def _check_text(self, text):
+        if text.dim() != 2 or text.dtype != torch.long:
+            raise ValueError(f'text must be a (B, L) long tensor of BPE ids; got {tuple(text.shape)} {text.dtype}')
+        if text.shape[1] != self.config.text_len:
+            raise ValueError(f'text has length {text.shape[1]} but the model was built with text_len='
+                             f'{self.config.text_len}; tokenize with text_len={self.config.text_len}')
+
+    def _key_valid(self, text, n_image):
+        """(B, L + n_image) bool: False at the text pads, True at the text tokens and the n_image image positions."""
+        image = torch.ones(text.shape[0], n_image, dtype=torch.bool, device=text.device)
+        return torch.cat([text != self.config.text_pad_id, image], dim=1)
+
+    def _embed(self, text, codes_in):
+        """[text, BOI, codes_in] -> (B, L + 1 + t, d) input vectors, and key_valid (B, L + 1 + t)."""
+        B = text.shape[0]
+        x = torch.cat([self.text_embedding(text),                          # (B, L, d)
+                       self.boi.view(1, 1, -1).expand(B, 1, -1),           # (B, 1, d)
+                       self.code_embedding(codes_in)], dim=1)              # (B, t, d)
+        return x, self._key_valid(text, 1 + codes_in.shape[1])
+
+    def _run_blocks(self, x, key_valid, start=0, caches=None, capture_layer=None):
+        """Blocks over x (B, S, d) sitting at positions start..start+S-1; returns the final-normed hidden states
+        (B, S, d) and the raw hidden state after block `capture_layer` (or None)."""
+        S = x.shape[1]
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]  # (S, hd/2)
+        mask = attention_mask(key_valid, start, S)                                 # (B, 1, S, start+S)
+        x = self.drop(x)
+        captured = None
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, None if caches is None else caches[i], start)
+            if i + 1 == capture_layer:
+                captured = x
+        return self.norm(x), captured
+
+    def forward(self, text, codes, teacher=None):
+        """text (B, L) long, left-padded BPE ids; codes (B, t) long, the image's codes (t = T in training; a
+        shorter prefix also works); teacher (B, D) float or None. Inputs are [text, BOI, codes[:, :-1]], targets
+        codes. Returns GPTOutput(logits (B, t, V), loss, align_hidden (B, P, d), align_loss or None)."""
+        self._check_text(text)
+        if codes.dim() != 2 or codes.dtype != torch.long or not 1 <= codes.shape[1] <= self.config.image_tokens \
+                or codes.shape[0] != text.shape[0]:
+            raise ValueError(f'codes must be (B, t) long with B = {text.shape[0]} and 1 <= t <= image_tokens='
+                             f'{self.config.image_tokens}; got {tuple(codes.shape)} {codes.dtype}')
+        L, t = text.shape[1], codes.shape[1]
+        x, key_valid = self._embed(text, codes[:, :-1])                    # (B, L + t, d)
+        h, h_align = self._run_blocks(x, key_valid, capture_layer=self.config.align_layer)
+        logits = self.head(h[:, L:])                                       # (B, t, V): image positions only
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        n_align = t if self.config.align_positions == 'hybnext' else 1
+        align_hidden = h_align[:, L:L + n_align]                           # (B, P, d): BOI .. c_{t-2}, or BOI
+
+        align_loss = None
+        if teacher is not None:
+            if self.projector is None:
+                raise ValueError('a teacher embedding was passed but the model has no projector (teacher_dim=0); '
+                                 'build it with teacher_dim = the teacher feature width')
+            align_loss = alignment_loss(self.projector(align_hidden), teacher)
+        return GPTOutput(logits, loss, align_hidden, align_loss)
+
+    @torch.no_grad()
+    def generate(self, text, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True):
+        """Sample T image codes per prompt. text (B, L) long -> codes (B, T) long.
+
+        cfg_scale != 1: the empty-caption rows are appended ([cond; uncond], 2B rows in one batch), logits are mixed
+        u + s * (c - u), and the token sampled from the mix is fed to both halves. cfg_scale == 1 runs the
+        conditional rows alone. use_cache=True: one prefill over [text, BOI], then one token per step through the
+        static KV cache; use_cache=False recomputes the whole sequence every step (slow; the reference the cache is
+        tested against). Runs in eval mode (no dropout) and restores the previous mode."""
+        self._check_text(text)
+        B, L = text.shape
+        T = self.config.image_tokens
+        guided = cfg_scale != 1.0
+        rows = torch.cat([text, self.uncond_text(B, text.device)]) if guided else text  # (B or 2B, L)
+        key_valid = self._key_valid(rows, T)                                            # (R, L + T)
+        codes = text.new_zeros(B, 0)
+        caches = [KVCache(L + T) for _ in self.blocks] if use_cache else None
+        was_training = self.training
+        self.eval()
+        try:
+            for i in range(T):
+                if not use_cache:                       # full recompute: [text, BOI, c_0 .. c_{i-1}]
+                    fed = torch.cat([codes, codes]) if guided else codes
+                    x, _ = self._embed(rows, fed)       # (R, L + 1 + i, d)
+                    h, _ = self._run_blocks(x, key_valid[:, :L + 1 + i])
+                elif i == 0:                            # prefill: [text, BOI] at positions 0..L
+                    x, _ = self._embed(rows, rows[:, :0])
+                    h, _ = self._run_blocks(x, key_valid, start=0, caches=caches)
+                else:                                   # decode: c_{i-1} at position L + i
+                    fed = torch.cat([token, token]) if guided else token   # the same token for both halves
+                    x = self.code_embedding(fed)                           # (R, 1, d)
+                    h, _ = self._run_blocks(x, key_valid, start=L + i, caches=caches)
+                logits = self.head(h[:, -1])                               # (R, V): last position only
+                if guided:
+                    cond, uncond = logits.float().chunk(2)                  # 2 x (B, V)
+                    logits = uncond + cfg_scale * (cond - uncond)
+                token = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                codes = torch.cat([codes, token], dim=1)                    # (B, i + 1)
+        finally:
+            self.train(was_training)
+        return codes
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices and embeddings (dim >= 2) and none on norms, biases and the BOI vector.
+        Frozen parameters (requires_grad=False) are left out. Fused kernels only on CUDA, where supported."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.dim() >= 2]
+        no_decay = [p for n, p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        print(f'optimizer: {len(decay)} decayed tensors ({sum(p.numel() for p in decay):,} parameters), '
+              f'{len(no_decay)} non-decayed tensors ({sum(p.numel() for p in no_decay):,} parameters)')
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        extra = dict(fused=True) if use_fused else dict()
+        print(f'optimizer: fused AdamW: {use_fused}')
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_sequence(self):
+        """Training FLOPs (forward + backward) for one example, PaLM/nanoGPT style: 6 FLOPs per weight per token
+        that passes through it (blocks: all S = L + T positions; head: the T image positions; projector: the
+        aligned positions), plus 12 * n_layer * n_head * head_dim * S per token for the attention scores and
+        mixing, counted over the full (not causally halved) S x S matrix. Embedding lookups cost nothing."""
+        c = self.config
+        S, T = c.text_len + c.image_tokens, c.image_tokens
+        n_blocks = sum(p.numel() for p in self.blocks.parameters())
+        flops = 6 * n_blocks * S + 6 * self.head.weight.numel() * T
+        if self.projector is not None:
+            P = T if c.align_positions == 'hybnext' else 1
+            flops += 6 * sum(p.numel() for p in self.projector.parameters()) * P
+        flops += 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * S * S
+        return flops
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s (fwdbwd_per_iter sequences in dt seconds) over peak_flops, the
+        peak FLOP/s of the hardware, measured or from its datasheet, for the precision in use."""
+        return self.flops_per_sequence() * fwdbwd_per_iter / dt / peak_flops

@@ -1,0 +1,344 @@
+"""Tests for model.py: causality, pad-length invariance, KV cache vs full recompute, CFG, the ARRA alignment pieces,
+training on a memorised batch, preset sizes against LlamaGen, optimizer groups and the FLOP count. CPU, tiny
+configs, a few seconds in all."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as model_module
+from model import GPT, GPTConfig, Projector, alignment_loss, preset_config, sample_from_logits, ffn_hidden_dim
+
+# a tiny text vocabulary keeps the text table small; the ids follow the real layout [PAD.., SOT, .., EOT]
+PAD, SOT, EOT = 63, 61, 62
+TINY = dict(n_layer=2, n_head=2, n_embd=32, codebook_size=32, image_tokens=12, text_len=8,
+            text_vocab_size=64, text_pad_id=PAD, text_sot_id=SOT, text_eot_id=EOT)
+
+
+def make_model(seed=0, sharpen=True, **overrides):
+    """A tiny GPT. sharpen=True re-draws the weights much larger than the 0.02 init so the logits are far from
+    uniform: otherwise a wrong cache or mask would change the logits too little to change a sampled token."""
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(**{**TINY, **overrides}))
+    if sharpen:
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.3)
+                else:
+                    p.normal_(1.0, 0.2)
+    return m.eval()
+
+
+def prompt(token_lists, text_len):
+    """Left-padded (B, text_len) prompts: [PAD.., SOT, tokens.., EOT]."""
+    out = torch.full((len(token_lists), text_len), PAD, dtype=torch.long)
+    for i, toks in enumerate(token_lists):
+        ids = [SOT] + list(toks) + [EOT]
+        out[i, text_len - len(ids):] = torch.tensor(ids)
+    return out
+
+
+def random_codes(B, cfg, seed=1):
+    return torch.randint(0, cfg.codebook_size, (B, cfg.image_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+class LogitRecorder:
+    """Stands in for model.sample_from_logits inside generate: records the logits each step samples from."""
+
+    def __init__(self):
+        self.logits = []
+
+    def __call__(self, logits, *args, **kwargs):
+        self.logits.append(logits.detach().clone())
+        return sample_from_logits(logits, *args, **kwargs)
+
+
+def test_forward_shapes_and_loss():
+    m = make_model(teacher_dim=24)
+    c = m.config
+    text, codes = prompt([[1, 2, 3], [4]], c.text_len), random_codes(2, c)
+    out = m(text, codes, teacher=torch.randn(2, 24))
+    assert out.logits.shape == (2, c.image_tokens, c.codebook_size)
+    assert out.align_hidden.shape == (2, c.image_tokens, c.n_embd)
+    assert out.loss.dim() == 0 and out.align_loss.dim() == 0
+    ref = F.cross_entropy(out.logits.reshape(-1, c.codebook_size), codes.reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+    assert m(text, codes).align_loss is None
+    with pytest.raises(ValueError, match='teacher_dim'):
+        make_model()(text, codes, teacher=torch.randn(2, 24))
+    with pytest.raises(ValueError, match='text_len=8'):
+        m(prompt([[1]], 10), codes[:1])
+    with pytest.raises(ValueError, match='align_layer'):
+        GPT(GPTConfig(**{**TINY, 'align_layer': 3}))
+
+
+def test_causality():
+    m = make_model()
+    c = m.config
+    text, codes = prompt([[1, 2, 3], [4, 5]], c.text_len), random_codes(2, c)
+    base = m(text, codes).logits
+    for j in (0, 5, c.image_tokens - 2):
+        changed = codes.clone()
+        changed[:, j] = (changed[:, j] + 1) % c.codebook_size
+        logits = m(text, changed).logits
+        # logits[:, i] predicts code i from codes < i: changing code j leaves positions 0..j untouched
+        torch.testing.assert_close(logits[:, :j + 1], base[:, :j + 1], rtol=0, atol=0)
+        assert (logits[:, j + 1] - base[:, j + 1]).abs().max() > 1e-3
+    # and the prompt does condition the image
+    assert (m(prompt([[7, 8, 9], [4, 5]], c.text_len), codes).logits[0] - base[0]).abs().max() > 1e-3
+
+
+def test_pad_length_invariance():
+    short = make_model(text_len=8)
+    long = make_model(text_len=13)
+    long.load_state_dict(short.state_dict(), strict=True)  # no weight depends on text_len
+    c = short.config
+    toks = [[5, 9, 17], [3]]
+    codes = random_codes(2, c)
+    a, b = short(prompt(toks, 8), codes), long(prompt(toks, 13), codes)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.align_hidden, b.align_hidden, rtol=1e-5, atol=1e-5)  # residual stream, |h| ~ 30
+    # each row is also independent of what else is in the batch (and of that row's pad count)
+    alone = short(prompt(toks[1:], 8), codes[1:]).logits
+    torch.testing.assert_close(alone, a.logits[1:], rtol=0, atol=1e-5)
+    # and so is sampling, guided rows (whose empty captions also differ in pad count) included
+    gen = lambda m, L: m.generate(prompt(toks, L), cfg_scale=2.5, top_k=20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(gen(short, 8), gen(long, 13))
+
+
+def test_pad_positions_stay_finite():
+    m = make_model()
+    seen = []
+    hooks = [blk.register_forward_hook(lambda mod, inp, out: seen.append(out)) for blk in m.blocks]
+    m(prompt([[1]], m.config.text_len), random_codes(1, m.config))  # 5 pad positions attend only to themselves
+    for h in hooks:
+        h.remove()
+    assert len(seen) == m.config.n_layer and all(torch.isfinite(s).all() for s in seen)
+
+
+def test_attention_mask_rows():
+    m = make_model()
+    text = prompt([[1, 2, 3], [4]], m.config.text_len)  # 3 and 5 left pads
+    key_valid = m._key_valid(text, 2)                   # (2, L + 2)
+    mask = model_module.attention_mask(key_valid, 0, key_valid.shape[1])[:, 0]  # (B, S, S)
+    S = key_valid.shape[1]
+    assert mask.shape == (2, S, S) and not mask.triu(1).any()                     # causal
+    for b, n_pad in enumerate((3, 5)):
+        # a pad query sees itself only (no empty row, so no NaN on any kernel); pad keys are invisible to the rest
+        assert torch.equal(mask[b, :n_pad, :n_pad], torch.eye(n_pad, dtype=torch.bool))
+        assert not mask[b, n_pad:, :n_pad].any()
+        assert torch.equal(mask[b, n_pad:, n_pad:], torch.ones(S - n_pad, S - n_pad, dtype=torch.bool).tril())
+    # a one-query decode step gets the last row of the full mask
+    step = model_module.attention_mask(key_valid, S - 1, 1)[:, 0]                   # (B, 1, S)
+    assert torch.equal(step[:, 0], mask[:, -1])
+
+
+@pytest.mark.parametrize('cfg_scale,top_k,top_p', [(1.0, None, None), (3.0, None, None), (1.0, 10, 0.9),
+                                                   (2.0, 8, 0.8)])
+def test_kv_cache_equals_full_recompute(monkeypatch, cfg_scale, top_k, top_p):
+    m = make_model()
+    text = prompt([[1, 2, 3, 4], [5], [6, 7]], m.config.text_len)
+    runs = {}
+    for use_cache in (True, False):
+        rec = LogitRecorder()
+        monkeypatch.setattr(model_module, 'sample_from_logits', rec)
+        codes = m.generate(text, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                           generator=torch.Generator().manual_seed(11), use_cache=use_cache)
+        runs[use_cache] = codes, torch.stack(rec.logits)
+    assert runs[True][0].shape == (3, m.config.image_tokens)
+    assert torch.equal(runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('cfg_scale', [1.0, 4.0])
+def test_generate_matches_a_sampling_loop_over_forward(monkeypatch, cfg_scale):
+    """Reference sampler built only from forward(): at step i the mixed logits are u + s (c - u), with c from the
+    prompt and u from the empty caption; at s = 1 that is the conditional distribution alone."""
+    m = make_model()
+    c = m.config
+    text = prompt([[1, 2, 3], [9, 9]], c.text_len)
+    empty = m.uncond_text(2)
+    assert empty[0].tolist() == [PAD] * (c.text_len - 2) + [SOT, EOT]
+
+    rec = LogitRecorder()
+    monkeypatch.setattr(model_module, 'sample_from_logits', rec)
+    got = m.generate(text, cfg_scale=cfg_scale, top_k=16, generator=torch.Generator().manual_seed(5))
+
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.zeros(2, 0, dtype=torch.long)
+    for i in range(c.image_tokens):
+        padded = torch.cat([codes, codes.new_zeros(2, 1)], 1)  # the last code is only a target: its value is unused
+        with torch.no_grad():
+            cond = m(text, padded).logits[:, i]
+            mixed = cond
+            if cfg_scale != 1.0:
+                uncond = m(empty, padded).logits[:, i]
+                mixed = uncond + cfg_scale * (cond - uncond)
+        torch.testing.assert_close(rec.logits[i], mixed, rtol=0, atol=1e-4)
+        codes = torch.cat([codes, sample_from_logits(mixed, 1.0, 16, None, gen)], 1)
+    assert torch.equal(got, codes)
+
+
+def test_generate_is_seeded():
+    m = make_model()
+    text = prompt([[1, 2], [3]], m.config.text_len)
+    run = lambda seed: m.generate(text, cfg_scale=2.0, top_p=0.95, generator=torch.Generator().manual_seed(seed))
+    a, b, other = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, other)
+    assert a.dtype == torch.long and a.min() >= 0 and a.max() < m.config.codebook_size
+
+
+def test_generate_runs_without_dropout_and_restores_mode():
+    m = make_model(dropout=0.5).train()
+    c = m.config
+    text, codes = prompt([[1, 2]], c.text_len), random_codes(1, c)
+    assert not torch.equal(m(text, codes).logits, m(text, codes).logits)  # dropout is live in train mode
+    run = lambda: m.generate(text, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run(), run())
+    assert m.training
+
+
+@pytest.mark.parametrize('align_layer,positions', [(1, 'hybnext'), (2, 'hybnext'), (1, 'rep'), (3, 'rep')])
+def test_align_hidden_comes_from_configured_layer_and_positions(align_layer, positions):
+    m = make_model(n_layer=3, align_layer=align_layer, align_positions=positions)
+    c = m.config
+    outputs = {}
+    hooks = [blk.register_forward_hook(lambda mod, inp, out, k=k: outputs.__setitem__(k, out))
+             for k, blk in enumerate(m.blocks, start=1)]
+    out = m(prompt([[1, 2, 3], [4]], c.text_len), random_codes(2, c))
+    for h in hooks:
+        h.remove()
+    P = c.image_tokens if positions == 'hybnext' else 1
+    L = c.text_len  # position L is BOI, then c_0 .. c_{T-2}
+    assert out.align_hidden.shape == (2, P, c.n_embd)
+    torch.testing.assert_close(out.align_hidden, outputs[align_layer][:, L:L + P], rtol=0, atol=0)
+    for k, h in outputs.items():
+        if k != align_layer:
+            assert (h[:, L:L + P] - out.align_hidden).abs().max() > 1e-3
+
+
+def test_alignment_loss_values():
+    torch.manual_seed(0)
+    target = torch.randn(3, 16)
+    scales = torch.rand(3, 5, 1) * 10 + 0.1                   # any positive scale per position
+    assert alignment_loss(target[:, None, :] * scales, target).abs() < 1e-6
+    assert abs(alignment_loss(-target[:, None, :].expand(3, 5, 16), target).item() - 2.0) < 1e-6
+    ortho = torch.zeros(2, 4, 2)
+    ortho[..., 1] = 1.0
+    assert abs(alignment_loss(ortho, torch.tensor([[3.0, 0.0], [0.5, 0.0]])).item() - 1.0) < 1e-6
+    projected = torch.randn(3, 5, 16)
+    ref = 1 - torch.stack([F.cosine_similarity(projected[b], target[b][None], dim=-1).mean() for b in range(3)]).mean()
+    torch.testing.assert_close(alignment_loss(projected, target), ref)
+    with pytest.raises(ValueError, match='teacher_dim'):
+        alignment_loss(projected, torch.randn(3, 8))
+
+
+def test_alignment_gradients_reach_projector_and_early_blocks_only():
+    m = make_model(sharpen=False, n_layer=3, align_layer=2, teacher_dim=24, projector_hidden=40)
+    assert isinstance(m.projector, Projector) and m.projector.fc1.out_features == 40
+    c = m.config
+    teacher = torch.randn(2, 24, requires_grad=True)
+    out = m(prompt([[1, 2], [3]], c.text_len), random_codes(2, c), teacher=teacher)
+    out.align_loss.backward()
+    assert teacher.grad is None                               # the teacher is a fixed target
+    for p in m.projector.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    for k, blk in enumerate(m.blocks, start=1):
+        grads = [p.grad for p in blk.parameters()]
+        if k <= c.align_layer:
+            assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+        else:
+            assert all(g is None for g in grads)              # later blocks do not feed the aligned state
+    assert m.head.weight.grad is None and m.code_embedding.weight.grad.abs().sum() > 0
+
+
+def test_loss_drops_on_memorised_batch():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY, teacher_dim=16)).train()
+    c = m.config
+    text, codes = prompt([[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]], c.text_len), random_codes(4, c)
+    teacher = F.normalize(torch.randn(4, 16), dim=-1)
+    opt = m.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95), device_type='cpu')
+    first = None
+    for step in range(60):
+        out = m(text, codes, teacher=teacher)
+        if first is None:
+            first = out
+        opt.zero_grad(set_to_none=True)
+        (out.loss + out.align_loss).backward()
+        opt.step()
+    assert abs(first.loss.item() - math.log(c.codebook_size)) < 0.1  # starts near uniform
+    assert out.loss.item() < 0.3 * first.loss.item()
+    assert out.align_loss.item() < 0.3 * first.align_loss.item()
+
+
+# LlamaGen's published sizes (README / paper) for its c2i GPT family, 16384 codes, 16x16 tokens
+LLAMAGEN_SIZES = {'B': 111e6, 'L': 343e6, 'XL': 775e6, 'XXL': 1.4e9}
+
+
+@pytest.mark.parametrize('name', list(LLAMAGEN_SIZES))
+def test_preset_body_counts_match_llamagen(name):
+    with torch.device('meta'):  # shapes only: no memory, no init time
+        m = GPT(preset_config(name, codebook_size=16384, image_tokens=256))
+    body = m.num_params(body_only=True)
+    assert abs(body / LLAMAGEN_SIZES[name] - 1) < 0.02, f'{name}: {body / 1e6:.1f}M'
+
+
+def test_param_counts_analytic():
+    c = GPTConfig(**TINY, teacher_dim=24)
+    m = GPT(c)
+    d, h, V = c.n_embd, ffn_hidden_dim(c.n_embd), c.codebook_size
+    per_block = 4 * d * d + 3 * d * h + 2 * d          # wqkv + wo, w1 w2 w3, two norm weights
+    body = c.n_layer * per_block + d + 2 * V * d       # + final norm, code embedding, head
+    assert m.num_params(body_only=True) == body
+    assert m.num_params() == body + c.text_vocab_size * d + d  # + text table and BOI; projector excluded
+    assert sum(p.numel() for p in m.parameters()) == m.num_params() + (d * 24 + 24) + (24 * 24 + 24)
+    assert ffn_hidden_dim(768) == 2048 and ffn_hidden_dim(1024) == 2816
+    with pytest.raises(ValueError, match='unknown GPT preset'):
+        preset_config('M')
+
+
+def test_configure_optimizers_groups(capsys):
+    m = make_model(sharpen=False, teacher_dim=24)
+    m.projector.requires_grad_(False)                 # the align_weight=0 baseline freezes it
+    opt = m.configure_optimizers(weight_decay=0.05, learning_rate=1e-4, betas=(0.9, 0.95), device_type='cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+    assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 for p in no_decay['params'])
+    in_opt = {id(p) for g in opt.param_groups for p in g['params']}
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert in_opt == trainable and not any(id(p) in in_opt for p in m.projector.parameters())
+    assert not opt.defaults.get('fused')
+    assert 'decayed' in capsys.readouterr().out
+
+
+def test_flops_estimate_matches_counted_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+    m = make_model(sharpen=False, teacher_dim=24).train()
+    c = m.config
+    with FlopCounterMode(display=False) as counter:
+        out = m(prompt([[1, 2]], c.text_len), random_codes(1, c), teacher=torch.randn(1, 24))
+        (out.loss + out.align_loss).backward()
+    counted, estimated = counter.get_total_flops(), m.flops_per_sequence()
+    assert abs(estimated / counted - 1) < 0.05, (estimated, counted)
+    assert m.estimate_mfu(fwdbwd_per_iter=8, dt=2.0, peak_flops=1e9) == pytest.approx(estimated * 8 / 2.0 / 1e9)
+
+
+def test_sample_from_logits_filters():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).expand(4000, 4)
+    draw = lambda **kw: set(sample_from_logits(logits, generator=gen, **kw).flatten().tolist())
+    assert draw(top_k=1) == {1}
+    assert draw(top_k=2) == {1, 3}
+    assert draw(top_p=0.8) == {1, 3}          # 0.5 + 0.3 reaches 0.8: the nucleus stops there
+    assert draw(top_p=0.81) == {1, 3, 2}
+    assert draw(top_p=0.01) == {1}            # the most likely token always survives
+    assert draw() == {0, 1, 2, 3}
+    counts = torch.bincount(sample_from_logits(logits, temperature=100.0, generator=gen).flatten(), minlength=4)
+    assert counts.min() > 800                 # a high temperature flattens the distribution
+    with pytest.raises(ValueError, match='top_p'):
+        sample_from_logits(logits, top_p=0.0)
