@@ -10,18 +10,31 @@ Writes into out_dir:
     {split}_scenes.jsonl  one scene record a line  the ground truth each caption and image came from
     render.json           the render settings
     preview.png           the first 32 train images with their captions, for a person to look at
+
+The encode stage turns the rendered pairs into the prepared arrays of the data contract (data/common.py), once the
+shapes tokenizer and teacher exist:
+
+    python vqgan.py --dataset=shapes                   # -> out/vqgan_shapes/ckpt.pt
+    python teacher.py --dataset=shapes                 # -> out/teacher_shapes/teacher.pt
+    python data/shapes/prepare.py --stage=encode       # (or --stage=all: render, then encode)
+
+and writes, next to the images:
+    {split}_codes.bin     uint16 (N, T)            VQ codes, T = 8x8 = 64 at 32 px
+    {split}_text.bin      uint16 (N, 28)           open_clip BPE ids of the caption, left-padded
+    {split}_teacher.bin   float16 (N, D)           the teacher's L2-normalised global embedding of the image
+    meta.json             sizes, and the identity (path, sha256) of the tokenizer and teacher that made them
 """
 import os
 import sys
 import json
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, fields
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import configure  # noqa: E402
-from utils import save_image_grid, atomic_write_bytes  # noqa: E402
+from utils import save_image_grid, atomic_write_bytes, file_sha256, pick_device  # noqa: E402
 from data.shapes.world import make_split  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,7 +93,114 @@ def load_scenes(data_dir, split):
         return [json.loads(line) for line in f]
 
 
-# The encode step (VQ codes, text tokens and teacher features, per the data contract) is not built yet.
+# ----------------------------------------------------------------------------------------------------------------
+# the encode stage: rendered pairs -> the prepared arrays train.py reads
+
+SHAPES_TEXT_LEN = 28  # the longest shapes caption is 24 BPE tokens with SOT and EOT; 4 to spare
+
+
+@dataclass
+class PrepareConfig(RenderConfig):
+    stage: str = 'render'                             # 'render' | 'encode' | 'all' (render, then encode)
+    vqgan: str = 'out/vqgan_shapes/ckpt.pt'           # image tokenizer (python vqgan.py --dataset=shapes)
+    teacher: str = 'out/teacher_shapes/teacher.pt'    # frozen ARRA teacher (python teacher.py --dataset=shapes)
+    text_len: int = SHAPES_TEXT_LEN                   # L: text block length of the GPT
+    batch_size: int = 256                             # images per tokenizer / teacher forward pass
+    device: str = 'auto'                              # 'auto' = cuda when available
+
+
+def _require_file(path, what, command):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what} {path!r} not found: make it with `{command}` (from the repository root), '
+                                f'or pass its path with --{what.split()[0]}=PATH')
+
+
+def encode_dataset(cfg: PrepareConfig, progress=True):
+    """Write {split}_codes/_text/_teacher.bin and meta.json into cfg.out_dir from the rendered images and captions.
+    Skips the work when meta.json already records the same tokenizer, teacher (sha256), text_len and renders.
+    Returns the meta dict."""
+    from data.common import tokenize_captions, open_for_write, write_meta, read_meta, array_path, TEXT_PAD_ID, \
+        TEXT_SOT_ID, TEXT_EOT_ID, TEXT_VOCAB_SIZE
+    from vqgan import load_vqgan, encode_images, vqgan_identity
+    from teacher import Teacher, embed_dataset
+
+    _require_file(cfg.vqgan, 'vqgan checkpoint', 'python vqgan.py --dataset=shapes')
+    _require_file(cfg.teacher, 'teacher checkpoint', 'python teacher.py --dataset=shapes')
+    render_path = os.path.join(cfg.out_dir, 'render.json')
+    if not os.path.exists(render_path):
+        raise FileNotFoundError(f'{render_path} not found: render the images first with '
+                                f'`python data/shapes/prepare.py` (or --stage=all)')
+    with open(render_path) as f:
+        render = json.load(f)
+    splits = {split: load_split(cfg.out_dir, split) for split in ('train', 'val')}  # (images memmap, captions)
+    for split, (images, captions) in splits.items():
+        if len(images) != len(captions):
+            raise ValueError(f'{split}: {len(images)} images but {len(captions)} captions in {cfg.out_dir}; '
+                             f're-render with `python data/shapes/prepare.py`')
+
+    # The identity of what would be written; if meta.json already says exactly this, the arrays are up to date.
+    vq_id = vqgan_identity(cfg.vqgan)
+    teacher_sha = file_sha256(cfg.teacher)
+    wanted = dict(render=render, text_len=cfg.text_len, vqgan_sha256=vq_id['sha256'], teacher_sha256=teacher_sha)
+    if os.path.exists(os.path.join(cfg.out_dir, 'meta.json')):
+        old = read_meta(cfg.out_dir)
+        have = dict(render=old.get('render'), text_len=old.get('text_len'),
+                    vqgan_sha256=old.get('vqgan', {}).get('sha256'), teacher_sha256=old.get('teacher', {}).get('sha256'))
+        if have == wanted and all(os.path.exists(array_path(cfg.out_dir, s, a))
+                                  for s in splits for a in ('codes', 'text', 'teacher')):
+            print(f'{cfg.out_dir} is already encoded with this tokenizer and teacher; skipping')
+            return old
+        os.remove(os.path.join(cfg.out_dir, 'meta.json'))  # the arrays are about to change: never a stale meta
+
+    device = pick_device(cfg.device)
+    vq = load_vqgan(cfg.vqgan)
+    teacher = Teacher.load(os.path.abspath(cfg.teacher), device=device)  # identity() records this path
+    image_size = splits['train'][0].shape[1]
+    if vq.image_size != image_size:
+        raise ValueError(f'the tokenizer {cfg.vqgan} takes {vq.image_size}px images but {cfg.out_dir} holds '
+                         f'{image_size}px ones: train a tokenizer on this data (python vqgan.py --data_dir=...)')
+    print(f'encoding {cfg.out_dir}: tokenizer {cfg.vqgan} ({vq.grid[0]}x{vq.grid[1]} codes of {vq.codebook_size}), '
+          f'teacher {cfg.teacher} (D = {teacher.dim}), text_len {cfg.text_len}, on {device}')
+    t0 = time.time()
+    for split, (images, captions) in splits.items():
+        n = len(images)
+        codes = encode_images(vq, images, cfg.batch_size, device, progress)           # (N, T) uint16
+        feats = embed_dataset(teacher, images, cfg.batch_size, progress)              # (N, D) float16
+        text = tokenize_captions(captions, cfg.text_len)                              # (N, L) uint16
+        for name, array in (('codes', codes), ('text', text), ('teacher', feats)):
+            out = open_for_write(cfg.out_dir, split, name, array.shape)
+            out[:] = array
+            out.flush()
+            del out
+    meta = dict(
+        dataset='shapes',
+        splits={split: len(images) for split, (images, _) in splits.items()},
+        n_train=len(splits['train'][0]), n_val=len(splits['val'][0]),
+        image_size=image_size, grid=list(vq.grid), image_tokens=vq.grid[0] * vq.grid[1],
+        codebook_size=vq.codebook_size,
+        text_len=cfg.text_len, text_tokenizer='open_clip bpe', text_vocab_size=TEXT_VOCAB_SIZE,
+        text_pad_id=TEXT_PAD_ID, text_sot_id=TEXT_SOT_ID, text_eot_id=TEXT_EOT_ID,
+        teacher=teacher.identity(), teacher_dim=teacher.dim,
+        vqgan=vq_id,
+        captions={split: f'{split}_captions.txt' for split in splits},
+        render=render,
+        prepare_command=' '.join(['python data/shapes/prepare.py --stage=encode'] + [
+            f'--{f.name}={getattr(cfg, f.name)}' for f in fields(cfg)
+            if f.name != 'stage' and getattr(cfg, f.name) != getattr(PrepareConfig(), f.name)]),
+    )
+    write_meta(cfg.out_dir, meta)  # last: a run cut short leaves no meta.json, so nothing reads half-made arrays
+    print(f'encoded {meta["n_train"]} train + {meta["n_val"]} val pairs in {time.time() - t0:.1f}s into {cfg.out_dir}')
+    return meta
+
 
 if __name__ == '__main__':
-    render_dataset(configure(RenderConfig(), sys.argv[1:]))
+    config = configure(PrepareConfig(), sys.argv[1:])
+    if config.stage not in ('render', 'encode', 'all'):
+        raise SystemExit(f"--stage={config.stage!r}: choose 'render', 'encode' or 'all'")
+    try:
+        if config.stage in ('render', 'all'):
+            render_dataset(RenderConfig(**{f.name: getattr(config, f.name) for f in fields(RenderConfig)}))
+        if config.stage in ('encode', 'all'):
+            encode_dataset(config)
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to run; no traceback needed
+        raise SystemExit(f'error: {e}')

@@ -1,0 +1,91 @@
+"""
+Shared fixtures: a tiny prepared dataset in the format of data/common.py, made in a fraction of a second.
+
+Twelve captions ("a red circle", ...) each fix one 4x4 grid of codes (from a codebook of 32) and one teacher
+embedding (D = 8), so the data is random but learnable: a GPT can drive the loss to ~0 and an aligned projector can
+reach the teacher vector. The tokenizer named in meta.json is a real (tiny, untrained) VQModel checkpoint, 16x16
+images -> 4x4 codes, so sample.py can decode what a GPT trained on this data writes.
+"""
+import os
+import sys
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+COLORS = ('red', 'green', 'blue', 'yellow')
+SHAPES = ('circle', 'square', 'triangle')
+CAPTIONS = [f'a {c} {s}' for c in COLORS for s in SHAPES]  # 12 captions
+TINY = dict(n_train=96, n_val=24, grid=4, codebook_size=32, text_len=8, teacher_dim=8, image_size=16)
+# a tiny GPT for these data: python train.py ... plus these flags
+TINY_GPT_ARGS = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--peak_flops=1e11']
+
+
+def tiny_vqgan(path, seed=0):
+    """Save an untrained tiny tokenizer (16x16 images, 4x4 codes of 32) in this project's checkpoint format."""
+    from vqgan import VQConfig, VQModel, save_vqgan
+    torch.manual_seed(seed)
+    cfg = VQConfig(image_size=TINY['image_size'], codebook_size=TINY['codebook_size'], codebook_embed_dim=4, ch=8,
+                   ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, norm_groups=4)
+    save_vqgan(VQModel(cfg), path)
+    return path
+
+
+def make_tiny_dataset(data_dir, vqgan_path):
+    """Write {train,val}_{codes,text,teacher}.bin, captions and meta.json for the 12-caption world."""
+    from data.common import tokenize_captions, open_for_write, write_meta, TEXT_PAD_ID, TEXT_SOT_ID, TEXT_EOT_ID, \
+        TEXT_VOCAB_SIZE
+    from vqgan import vqgan_identity
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(0)
+    T, K, D = TINY['grid'] ** 2, TINY['codebook_size'], TINY['teacher_dim']
+    code_table = rng.integers(0, K, size=(len(CAPTIONS), T)).astype(np.uint16)           # caption -> codes
+    teacher_table = rng.standard_normal((len(CAPTIONS), D))
+    teacher_table /= np.linalg.norm(teacher_table, axis=1, keepdims=True)               # caption -> unit vector
+    splits = {}
+    for split, n, offset in (('train', TINY['n_train'], 0), ('val', TINY['n_val'], 5)):
+        which = (np.arange(n) + offset) % len(CAPTIONS)
+        captions = [CAPTIONS[k] for k in which]
+        arrays = dict(codes=code_table[which], text=tokenize_captions(captions, TINY['text_len']),
+                      teacher=teacher_table[which].astype(np.float16))
+        for name, a in arrays.items():
+            out = open_for_write(data_dir, split, name, a.shape)
+            out[:] = a
+            out.flush()
+        with open(os.path.join(data_dir, f'{split}_captions.txt'), 'w') as f:
+            f.write('\n'.join(captions) + '\n')
+        splits[split] = n
+    meta = dict(dataset='tiny', splits=splits, n_train=splits['train'], n_val=splits['val'],
+                image_size=TINY['image_size'], grid=[TINY['grid']] * 2, image_tokens=T, codebook_size=K,
+                text_len=TINY['text_len'], text_tokenizer='open_clip bpe', text_vocab_size=TEXT_VOCAB_SIZE,
+                text_pad_id=TEXT_PAD_ID, text_sot_id=TEXT_SOT_ID, text_eot_id=TEXT_EOT_ID,
+                teacher=dict(name='caption-table', pretrained=None, path=None, sha256=None, dim=D), teacher_dim=D,
+                vqgan=vqgan_identity(vqgan_path), captions={s: f'{s}_captions.txt' for s in splits})
+    write_meta(data_dir, meta)
+    return data_dir
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """A prepared tiny dataset folder (read-only for tests: copy it with tiny_data_copy to change it)."""
+    root = tmp_path_factory.mktemp('tiny_data')
+    vq = tiny_vqgan(str(root / 'vqgan.pt'))
+    return make_tiny_dataset(str(root / 'tiny'), vq)
+
+
+@pytest.fixture
+def tiny_data_copy(tiny_data, tmp_path):
+    """A private copy of the tiny dataset that a test may modify."""
+    return shutil.copytree(tiny_data, str(tmp_path / 'tiny'))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
