@@ -29,7 +29,7 @@ step() {  # step NAME COMMAND...: run once, then remember that it finished
 python data/shapes/prepare.py --out_dir="$DATA_DIR" ${RENDER_ARGS:-}
 step tokenizer python vqgan.py --data_dir="$DATA_DIR" --out_dir="$OUT/vqgan_shapes" ${VQ_ARGS:-}
 step teacher python teacher.py --data_dir="$DATA_DIR" --out_dir="$OUT/teacher_shapes" ${TEACHER_ARGS:-}
-python data/shapes/prepare.py --stage=encode --out_dir="$DATA_DIR" \
+python data/shapes/prepare.py --stage=encode --out_dir="$DATA_DIR" ${RENDER_ARGS:-} \
     --vqgan="$OUT/vqgan_shapes/ckpt.pt" --teacher="$OUT/teacher_shapes/teacher.pt"
 step gpt python train.py --data_dir="$DATA_DIR" --out_dir="$OUT/shapes" ${TRAIN_ARGS:-}
 python sample.py --ckpt="$OUT/shapes/ckpt.pt" --out="$OUT/shapes/demo.png" --num_samples=8 ${SAMPLE_ARGS:-} \
