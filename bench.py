@@ -106,9 +106,12 @@ def bench_generation(cfg, device, sync):
 
 
 def bench_encoding(cfg, device, sync):
-    from vqgan import VQModel, VQConfig
-    vq = VQModel(VQConfig()).to(device).eval()   # the default (shapes-sized) tokenizer, random weights
-    size = vq.image_size
+    from vqgan import VQModel, VQConfig, TrainConfig
+    t = TrainConfig()  # the shapes tokenizer's architecture (random weights: speed does not depend on them)
+    vq = VQModel(VQConfig(image_size=32, codebook_size=t.codebook_size, codebook_embed_dim=t.codebook_embed_dim,
+                          ch=t.ch, ch_mult=t.ch_mult, num_res_blocks=t.num_res_blocks, z_channels=t.z_channels,
+                          norm_groups=t.norm_groups)).to(device).eval()
+    size = 32
     n = 64 if cfg.quick else 256
     images = torch.rand(n, 3, size, size, device=device) * 2 - 1
     with torch.no_grad():

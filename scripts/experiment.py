@@ -54,6 +54,9 @@ class ExperimentConfig:
     stages: tuple[int, ...] = (150, 300, 600)  # steps at which each run is scored; the last is the run length
     n_prompts: int = 500                 # val captions sampled (one image each) at every stage
     sample_seed: int = 0                 # the sampling seed, the same for every run
+    cfg_scale: float = 2.0               # sampling settings of the scores (sample.py's defaults)
+    temperature: float = 0.7
+    rescore: bool = False                # only re-score each run's final checkpoint with the settings above
     parallel: int = 2                    # runs at once; each gets one thread (2 cores -> 2 runs)
     train_args: str = ''                 # extra train.py overrides for every run, space-separated
     report_only: bool = False            # skip training; summarise what is in out_dir
@@ -68,21 +71,42 @@ def score_checkpoint(ckpt_path, cfg, evaluator, real_images, prompts):
     """Sample one image per prompt from a checkpoint and score them with the shapes evaluator."""
     import torch
     from contextlib import nullcontext
-    from sample import load_gpt, load_matching_vqgan, tokenize_prompts, generate_images, SampleConfig
+    from sample import load_gpt, load_matching_vqgan, tokenize_prompts, generate_images
     from data.shapes.evaluate import evaluate_samples
-    defaults = SampleConfig()
     model, ckpt = load_gpt(ckpt_path, 'cpu')
     vq = load_matching_vqgan(ckpt, '', 'cpu')
     text = tokenize_prompts(prompts, model.config.text_len)
     images = []
     for start in range(0, len(prompts), 250):
         g = torch.Generator().manual_seed(cfg.sample_seed + start)
-        images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, defaults.cfg_scale,
-                                      defaults.temperature, defaults.top_k or None,
-                                      defaults.top_p if defaults.top_p < 1 else None))
+        images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, cfg.cfg_scale,
+                                      cfg.temperature))
     images = np.concatenate(images)
     metrics = evaluate_samples(images, prompts, evaluator=evaluator, real_images=real_images)
+    metrics.update(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature)
     return metrics, images
+
+
+def rescore(cfg, arms):
+    """Score every finished run's final checkpoint again with the current sampling settings (final.json)."""
+    from data.shapes.evaluate import get_evaluator, real_val_images
+    evaluator, real = get_evaluator(progress=False), real_val_images()
+    with open(os.path.join(cfg.data_dir, 'val_captions.txt')) as f:
+        prompts = f.read().splitlines()[:cfg.n_prompts]
+    for arm in arms:
+        for seed in range(cfg.seeds):
+            out = run_dir(cfg, arm, seed)
+            path = os.path.join(out, 'metrics.jsonl')
+            if not os.path.exists(path):
+                continue
+            last = [json.loads(line) for line in open(path)][-1]
+            if last['step'] != cfg.stages[-1]:
+                continue
+            metrics, _ = score_checkpoint(os.path.join(out, 'ckpt.pt'), cfg, evaluator, real, prompts)
+            metrics.update(step=last['step'], val_ce=last['val_ce'])
+            with open(os.path.join(out, 'final.json'), 'w') as f:
+                json.dump(metrics, f)
+            print(f'[{arm} s{seed}] rescored: prompt_acc {metrics["prompt_acc"]:.3f}')
 
 
 def last_val_ce(log_path, step):
@@ -169,14 +193,22 @@ def summarise(cfg, arms):
             if os.path.exists(path):
                 runs[(arm, seed)] = {r['step']: r for r in map(json.loads, open(path))}
     final = cfg.stages[-1]
+    finals = {}  # the table: each run's last stage, or its re-scoring with the current settings (final.json)
+    for key, steps in runs.items():
+        final_path = os.path.join(run_dir(cfg, *key), 'final.json')
+        if os.path.exists(final_path):
+            finals[key] = json.load(open(final_path))
+        elif final in steps:
+            finals[key] = steps[final]
     table = {}
     for arm in arms:
-        seeds = [s for s in range(cfg.seeds) if final in runs.get((arm, s), {})]
+        seeds = [s for s in range(cfg.seeds) if (arm, s) in finals]
         table[arm] = {'seeds': seeds}
         for key, _, _ in METRICS:
-            vals = [runs[(arm, s)][final][key] for s in seeds]
+            vals = [finals[(arm, s)][key] for s in seeds]
             table[arm][key] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, vals)
-    lines = [f'Final step {final}; mean +/- std over seeds (n per arm in brackets); paired difference against the '
+    settings = sorted({(f.get('cfg_scale'), f.get('temperature')) for f in finals.values()}, key=str)
+    lines = [f'Final step {final}, samples scored at (cfg_scale, temperature) {settings}; mean +/- std over seeds (n per arm in brackets); paired difference against the '
              f'baseline with a paired t-test p-value where both ran.\n',
              '| arm | ' + ' | '.join(name for _, name, _ in METRICS) + ' |',
              '|---|' + '---|' * len(METRICS)]
@@ -195,9 +227,9 @@ def summarise(cfg, arms):
             common = sorted(set(table[arm]['seeds']) & set(table['baseline']['seeds']))
             cells = []
             for key, _, _ in METRICS:
-                d = [runs[(arm, s)][final][key] - runs[('baseline', s)][final][key] for s in common]
-                p = stats.ttest_rel([runs[(arm, s)][final][key] for s in common],
-                                    [runs[('baseline', s)][final][key] for s in common]).pvalue if len(common) > 1 else float('nan')
+                d = [finals[(arm, s)][key] - finals[('baseline', s)][key] for s in common]
+                p = stats.ttest_rel([finals[(arm, s)][key] for s in common],
+                                    [finals[('baseline', s)][key] for s in common]).pvalue if len(common) > 1 else float('nan')
                 cells.append(f'{np.mean(d):+.4f} (p={p:.2f})' if d else 'n/a')
             lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
     text = '\n'.join(lines)
@@ -205,7 +237,7 @@ def summarise(cfg, arms):
     with open(os.path.join(cfg.out_dir, 'results.md'), 'w') as f:
         f.write(text + '\n')
     with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
-        json.dump({'config': asdict(cfg), 'final': table,
+        json.dump({'config': asdict(cfg), 'final': table, 'final_runs': {f'{a}_s{s}': r for (a, s), r in finals.items()},
                    'curves': {f'{a}_s{s}': r for (a, s), r in runs.items()}}, f, indent=1)
     plot_curves(cfg, arms, runs)
     return table
@@ -246,7 +278,9 @@ def main(cfg):
         run_one(cfg, arm, int(seed))
         return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if not cfg.report_only:
+    if cfg.rescore:
+        rescore(cfg, arms)
+    elif not cfg.report_only:
         if not os.path.exists(os.path.join(cfg.data_dir, 'meta.json')):
             raise SystemExit(f'{cfg.data_dir} is not prepared: run `bash scripts/shapes_pipeline.sh` (or the '
                              f'prepare steps it lists) first')

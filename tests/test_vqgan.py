@@ -209,8 +209,8 @@ def shapes_dir(tmp_path_factory):
 
 def small_train_config(shapes_dir, out_dir, **overrides):
     kw = dict(data_dir=shapes_dir, out_dir=out_dir, codebook_size=64, ch=8, ch_mult=(1, 2, 2), z_channels=16,
-              norm_groups=4, max_iters=150, batch_size=16, lr=3e-3, warmup_iters=10, restart_interval=25,
-              eval_interval=100, eval_images=64, device='cpu')
+              norm_groups=4, max_iters=100, batch_size=8, lr=3e-3, warmup_iters=10, restart_interval=25,
+              eval_interval=50, eval_images=64, device='cpu')
     return vqgan.TrainConfig(**(kw | overrides))
 
 
@@ -219,7 +219,7 @@ def test_short_training_run_lowers_reconstruction_error(shapes_dir, tmp_path):
     m = vqgan.train(cfg, progress=False)
     assert m['mse'] < m['start_mse'] / 5, m       # a large drop, measured through the discrete codes
     assert 0 < m['usage'] <= 1 and 1 <= m['perplexity'] <= 64
-    assert os.path.exists(tmp_path / 'run' / 'recon.png') and os.path.exists(tmp_path / 'run' / 'recon_00100.png')
+    assert os.path.exists(tmp_path / 'run' / 'recon.png') and os.path.exists(tmp_path / 'run' / 'recon_00050.png')
     model = load_vqgan(m['ckpt'])
     assert model.grid == (8, 8)
     val = uint8_to_float(np.load(os.path.join(shapes_dir, 'val_images.npy')))
@@ -229,7 +229,7 @@ def test_short_training_run_lowers_reconstruction_error(shapes_dir, tmp_path):
 
 
 def test_gan_loss_path_runs(shapes_dir, tmp_path):
-    cfg = small_train_config(shapes_dir, str(tmp_path / 'gan'), max_iters=3, eval_interval=100, disc_weight=0.5,
+    cfg = small_train_config(shapes_dir, str(tmp_path / 'gan'), max_iters=3, disc_weight=0.5,
                              disc_start=1, recon_loss='l1')
     m = vqgan.train(cfg, progress=False)
     assert np.isfinite(m['mse'])

@@ -145,7 +145,8 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     if os.path.exists(os.path.join(cfg.out_dir, 'meta.json')):
         old = read_meta(cfg.out_dir)
         have = dict(render=old.get('render'), text_len=old.get('text_len'),
-                    vqgan_sha256=old.get('vqgan', {}).get('sha256'), teacher_sha256=old.get('teacher', {}).get('sha256'))
+                    vqgan_sha256=old.get('vqgan', {}).get('sha256'),
+                    teacher_sha256=old.get('teacher', {}).get('sha256'))
         if have == wanted and all(os.path.exists(array_path(cfg.out_dir, s, a))
                                   for s in splits for a in ('codes', 'text', 'teacher')):
             print(f'{cfg.out_dir} is already encoded with this tokenizer and teacher; skipping')
