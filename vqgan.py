@@ -16,8 +16,10 @@ load with `load_state_dict(strict=True)` and no renaming (`load_vqgan`), and the
 same weights give the same codes. tests/data/llamagen_vq16_keys.json lists the expected names and shapes.
 
 Training (`python vqgan.py --dataset=shapes`, a few minutes on a CPU) fits a small tokenizer to the shapes world:
-32x32 images -> 8x8 codes. Loss = reconstruction (L2 or L1) + codebook + beta * commitment, optionally + a PatchGAN
-hinge loss (delayed start, adaptive weight) and LPIPS (only if its weights are already on disk; never downloaded).
+32x32 images -> 8x8 codes from 512. Loss = reconstruction (L2 or L1) + codebook + beta * commitment, optionally + a
+PatchGAN hinge loss (delayed start, adaptive weight) and LPIPS (only if its weights are already on disk; never
+downloaded). Codes that go unused for `restart_interval` steps are re-seeded from the batch's latents: without that,
+a short run used only 36 of 512 codes; with it, all of them.
 
 Honest notes:
 - taming's quantizer puts beta on the codebook term by mistake (kept there for compatibility); here, as in LlamaGen,
@@ -62,7 +64,8 @@ class VQConfig:
         ds = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % ds:
             raise ValueError(f'image_size={self.image_size} is not divisible by the downsample factor {ds} '
-                             f'(ch_mult={self.ch_mult}); use a multiple of {ds}, e.g. {self.image_size // ds * ds or ds}')
+                             f'(ch_mult={self.ch_mult}); use a multiple of {ds}, e.g. '
+                             f'{self.image_size // ds * ds or ds}')
         widths = {self.ch * m for m in self.ch_mult}
         if any(w % self.norm_groups for w in widths):
             raise ValueError(f'channel widths {sorted(widths)} must be divisible by norm_groups={self.norm_groups}')
@@ -510,10 +513,10 @@ class TrainConfig:
     disc_start: int = 1000              # iteration where the GAN terms switch on (the autoencoder must work first)
     disc_adaptive: bool = True          # scale the GAN term by grad-norm ratio at the decoder's last layer (taming)
     # codebook upkeep
-    restart_interval: int = 100         # every N iters, re-seed codes unused in those N iters from batch latents (0 = off)
+    restart_interval: int = 100         # every N iters, re-seed codes unused for N iters from batch latents (0 = off)
     restart_until: float = 0.8          # stop re-seeding after this fraction of max_iters, so the last codes settle
     # optimisation (on shapes, batch 16 beat 8 and 32 per FLOP, lr 2e-3 beat 1e-3 and 5e-3)
-    max_iters: int = 3000
+    max_iters: int = 2500               # ~13 it/s on 2 idle cores: about 3.2 minutes
     batch_size: int = 16
     lr: float = 2e-3                    # peak learning rate (Adam), after warmup, cosine decay to min_lr
     min_lr: float = 1e-4
@@ -637,7 +640,8 @@ def train(cfg: TrainConfig, progress=True):
                             usage=f'{model.quantize.window_usage():.2f}', restarted=restarted)
         if (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
             m = evaluate(model.eval(), val_x[:cfg.eval_images])
-            tqdm.write(f'iter {it + 1}: val mse {m["mse"]:.5f}, usage {m["usage"]:.3f}, perplexity {m["perplexity"]:.1f}')
+            tqdm.write(f'iter {it + 1}: val mse {m["mse"]:.5f}, usage {m["usage"]:.3f}, '
+                       f'perplexity {m["perplexity"]:.1f}')
             save_recon_grid(model, show, os.path.join(out_dir, f'recon_{it + 1:05d}.png'))
             checkpoint(it + 1, m)
             model.train()
@@ -646,11 +650,13 @@ def train(cfg: TrainConfig, progress=True):
     final = evaluate(model, val_x) | dict(start_mse=start['mse'], train_seconds=seconds)
     save_recon_grid(model, show, os.path.join(out_dir, 'recon.png'))
     checkpoint(cfg.max_iters, final)
-    print(f'trained {cfg.max_iters} iters in {seconds:.0f}s (all included). val ({len(val_x)} images): reconstruction mse '
-          f'{final["mse"]:.5f} (start {start["mse"]:.4f}, PSNR {10 * math.log10(4 / final["mse"]):.1f} dB), codebook '
-          f'usage {final["usage"]:.3f} ({round(final["usage"] * cfg.codebook_size)}/{cfg.codebook_size}), perplexity '
-          f'{final["perplexity"]:.1f}\nsaved {os.path.join(out_dir, "ckpt.pt")} and {os.path.join(out_dir, "recon.png")}')
-    return final | dict(ckpt=os.path.join(out_dir, 'ckpt.pt'))
+    ckpt, psnr = os.path.join(out_dir, 'ckpt.pt'), 10 * math.log10(4 / final['mse'])  # pixel range 2 -> peak^2 = 4
+    print(f'trained {cfg.max_iters} iters in {seconds:.0f}s (all included). val ({len(val_x)} images): '
+          f'reconstruction mse {final["mse"]:.5f} (start {start["mse"]:.4f}, PSNR {psnr:.1f} dB), '
+          f'codebook usage {final["usage"]:.3f} ({round(final["usage"] * cfg.codebook_size)}/'
+          f'{cfg.codebook_size}), perplexity {final["perplexity"]:.1f}\nsaved {ckpt} and '
+          f'{os.path.join(out_dir, "recon.png")}')
+    return final | dict(ckpt=ckpt)
 
 
 if __name__ == '__main__':

@@ -54,6 +54,7 @@ class ExperimentConfig:
     stages: tuple[int, ...] = (150, 300, 600)  # steps at which each run is scored; the last is the run length
     n_prompts: int = 500                 # val captions sampled (one image each) at every stage
     sample_seed: int = 0                 # the sampling seed, the same for every run
+    vqgan: str = ''                      # tokenizer for scoring ('' = the one recorded in the checkpoint)
     cfg_scale: float = 2.0               # sampling settings of the scores (sample.py's defaults)
     temperature: float = 0.7
     rescore: bool = False                # only re-score each run's final checkpoint with the settings above
@@ -74,7 +75,7 @@ def score_checkpoint(ckpt_path, cfg, evaluator, real_images, prompts):
     from sample import load_gpt, load_matching_vqgan, tokenize_prompts, generate_images
     from data.shapes.evaluate import evaluate_samples
     model, ckpt = load_gpt(ckpt_path, 'cpu')
-    vq = load_matching_vqgan(ckpt, '', 'cpu')
+    vq = load_matching_vqgan(ckpt, cfg.vqgan, 'cpu')  # refuses a tokenizer of another sha256
     text = tokenize_prompts(prompts, model.config.text_len)
     images = []
     for start in range(0, len(prompts), 250):
