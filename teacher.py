@@ -134,7 +134,7 @@ def preprocess_uint8(images, preprocess_cfg):
         size = size[0]
     mode = preprocess_cfg.get('resize_mode', 'shortest')
     if not isinstance(size, int) or mode not in ('shortest', 'squash'):
-        raise NotImplementedError(f'tensor preprocessing covers square targets with resize_mode shortest/squash, '
+        raise ValueError(f'tensor preprocessing covers square targets with resize_mode shortest/squash, '
                                   f'not size={size} resize_mode={mode!r}; pass PIL images to use .preprocess')
     interpolation = InterpolationMode(preprocess_cfg.get('interpolation', 'bicubic'))
     x = images
