@@ -38,6 +38,8 @@ class GPTConfig:
     n_embd: int = 128               # model width d
     codebook_size: int = 512        # V: image code vocabulary (the output head covers codes only)
     image_tokens: int = 64          # T = grid_h * grid_w codes per image, raster order
+    image_width: int = 0            # grid_w: codes per image row (grid_h = image_tokens // image_width); 0 = square
+    image_pos: str = 'rowcol'       # how image tokens know their (row, col): see "positions" below
     text_len: int = 28              # L: text block length (left-padded)
     text_vocab_size: int = 49409    # open_clip BPE 49408 + one pad id
     text_pad_id: int = 49408        # id of the left pad (data/common.py TEXT_PAD_ID)
@@ -50,6 +52,12 @@ class GPTConfig:
     align_layer: int = 1            # align the hidden state after this many blocks (1 = first block, paper default)
     align_positions: str = 'hybnext'  # 'hybnext': all T image prediction positions (BOI, c_0..c_{T-2}); 'rep': BOI only
 
+    def __post_init__(self):
+        if self.image_width == 0 and math.isqrt(self.image_tokens) ** 2 == self.image_tokens:
+            self.image_width = math.isqrt(self.image_tokens)  # a square grid, stored explicitly
+
+
+IMAGE_POS = ('none', 'learned', 'rowcol', 'rope2d')
 
 # Body sizes of LlamaGen's GPT family (autoregressive/models/gpt.py GPT_B .. GPT_XXL); 'tiny' is a CPU-sized model.
 PRESETS = {
@@ -86,6 +94,12 @@ def check_config(c):
         problems.append('teacher_dim and projector_hidden must be >= 0 (0 = no projector / hidden = teacher_dim)')
     if c.image_tokens < 1 or c.codebook_size < 1:
         problems.append('image_tokens and codebook_size must be positive')
+    if c.image_width < 1 or c.image_tokens % c.image_width:
+        problems.append(f'image_width={c.image_width} must divide image_tokens={c.image_tokens} (a full grid)')
+    if c.image_pos not in IMAGE_POS:
+        problems.append(f'image_pos={c.image_pos!r} must be one of {IMAGE_POS}')
+    if c.image_pos == 'rope2d' and (c.n_embd // c.n_head) % 4:
+        problems.append(f'image_pos=rope2d needs head_dim={c.n_embd // c.n_head} divisible by 4 (row and col pairs)')
     if problems:
         raise ValueError('invalid GPTConfig: ' + '; '.join(problems))
 
@@ -112,6 +126,21 @@ def rope_angles(head_dim, max_len, base):
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)               # (S, hd/2)
     return angles.cos(), angles.sin()
+
+
+def sequence_rope_angles(config):
+    """cos, sin tables (L + T, hd/2) for every position of the sequence. 1-D (the position index) unless
+    image_pos='rope2d': then, as in Qwen2-VL's multimodal rotary, the first half of the pairs rotates by a row index and
+    the second half by a column index; text/BOI tokens at index p use (p, p), and image slot k (predicting code k at
+    grid cell (r, c)) uses (L + r, L + c). Every text offset stays relative, so left padding still changes nothing."""
+    hd, L, T = config.n_embd // config.n_head, config.text_len, config.image_tokens
+    if config.image_pos != 'rope2d':
+        return rope_angles(hd, L + T, config.rope_base)
+    cos, sin = rope_angles(hd // 2, L + T, config.rope_base)                 # (S, hd/4) per axis
+    slot = torch.arange(T)
+    row, col = L + slot // config.image_width, L + slot % config.image_width  # (T,), (T,)
+    idx_r = torch.cat([torch.arange(L), row]); idx_c = torch.cat([torch.arange(L), col])  # (L + T,)
+    return torch.cat([cos[idx_r], cos[idx_c]], -1), torch.cat([sin[idx_r], sin[idx_c]], -1)  # (L + T, hd/2)
 
 
 def apply_rope(x, cos, sin):
@@ -252,9 +281,12 @@ def attention_mask(key_valid, start, q_len):
 def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V): divide by temperature, keep the top_k largest, keep the smallest set of
     tokens whose probability mass reaches top_p (nucleus; the most likely token always stays), then draw with
-    torch.multinomial and the given generator. Returns (B, 1) long."""
-    if temperature <= 0:
-        raise ValueError(f'temperature={temperature} must be > 0')
+    torch.multinomial and the given generator. temperature=0 is greedy decoding: the argmax, no randomness.
+    Returns (B, 1) long."""
+    if temperature < 0:
+        raise ValueError(f'temperature={temperature} must be >= 0 (0 = greedy)')
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)                              # (B, 1)
     logits = logits.float() / temperature                                    # (B, V)
     if top_k is not None:
         if top_k < 1:
@@ -274,6 +306,16 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
             logits = logits.masked_fill(drop, float('-inf'))
     probs = logits.softmax(-1)                                               # (B, V)
     return torch.multinomial(probs, 1, generator=generator)                 # (B, 1)
+
+
+def config_from_checkpoint(model_config):
+    """GPTConfig from a checkpoint's plain dict. Checkpoints written before image tokens had positions
+    (image_pos) hold weights of another model: refuse them rather than load them into the wrong one."""
+    if 'image_pos' not in model_config:
+        raise ValueError('this GPT checkpoint was trained before image tokens had 2-D positions (GPTConfig.image_pos) '
+                         'and cannot be loaded into the current model: retrain it with `python train.py` '
+                         '(the same flags as before)')
+    return GPTConfig(**model_config)
 
 
 class GPTOutput(NamedTuple):
@@ -305,13 +347,22 @@ class GPT(nn.Module):
         self.projector = None
         if config.teacher_dim > 0:
             self.projector = Projector(d, config.projector_hidden or config.teacher_dim, config.teacher_dim)
+        # image positions: a learned vector per image slot (or per row + per column), added to the BOI/code inputs
+        if config.image_pos == 'learned':
+            self.image_slot = nn.Parameter(torch.zeros(config.image_tokens, d))        # (T, d)
+        elif config.image_pos == 'rowcol':
+            self.image_row = nn.Parameter(torch.zeros(config.image_tokens // config.image_width, d))  # (h, d)
+            self.image_col = nn.Parameter(torch.zeros(config.image_width, d))                        # (w, d)
         # rotary tables for every position of the sequence; not saved (they follow from the config)
-        cos, sin = rope_angles(d // config.n_head, config.text_len + config.image_tokens, config.rope_base)
+        cos, sin = sequence_rope_angles(config)
         self.register_buffer('rope_cos', cos, persistent=False)      # (L + T, hd/2)
         self.register_buffer('rope_sin', sin, persistent=False)      # (L + T, hd/2)
 
         self.apply(self._init_weights)
         nn.init.normal_(self.boi, mean=0.0, std=0.02)
+        for name in ('image_slot', 'image_row', 'image_col'):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), mean=0.0, std=0.02)
         # GPT-2's scaled init: each block adds two residual branches, so their output projections start smaller
         for name, p in self.named_parameters():
             if name.endswith('attention.wo.weight') or name.endswith('feed_forward.w2.weight'):
@@ -356,12 +407,28 @@ class GPT(nn.Module):
         image = torch.ones(text.shape[0], n_image, dtype=torch.bool, device=text.device)
         return torch.cat([text != self.config.text_pad_id, image], dim=1)
 
+    def _image_positions(self, start, n):
+        """(n, d) learned position vectors of image slots start..start+n-1 (slot k predicts code k), or 0."""
+        c = self.config
+        slot = torch.arange(start, start + n, device=self.boi.device)
+        if c.image_pos == 'learned':
+            return self.image_slot[slot]                                        # (n, d)
+        if c.image_pos == 'rowcol':
+            return self.image_row[slot // c.image_width] + self.image_col[slot % c.image_width]  # (n, d)
+        return 0.0
+
+    def _embed_image(self, codes_in, first_slot=0):
+        """Input vectors of image slots (slot 0 reads BOI, slot k > 0 reads code k-1; slot k predicts code k), plus
+        their positions. first_slot == 0: [BOI, codes_in] -> (B, 1 + t, d); else codes_in at slots first_slot.. ->
+        (B, t, d) (one decode step)."""
+        x = self.code_embedding(codes_in)                                      # (B, t, d)
+        if first_slot == 0:
+            x = torch.cat([self.boi.view(1, 1, -1).expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + t, d)
+        return x + self._image_positions(first_slot, x.shape[1])
+
     def _embed(self, text, codes_in):
         """[text, BOI, codes_in] -> (B, L + 1 + t, d) input vectors, and key_valid (B, L + 1 + t)."""
-        B = text.shape[0]
-        x = torch.cat([self.text_embedding(text),                          # (B, L, d)
-                       self.boi.view(1, 1, -1).expand(B, 1, -1),           # (B, 1, d)
-                       self.code_embedding(codes_in)], dim=1)              # (B, t, d)
+        x = torch.cat([self.text_embedding(text), self._embed_image(codes_in)], dim=1)  # (B, L + 1 + t, d)
         return x, self._key_valid(text, 1 + codes_in.shape[1])
 
     def _run_blocks(self, x, key_valid, start=0, caches=None, capture_layer=None):
@@ -433,7 +500,7 @@ class GPT(nn.Module):
                     h, _ = self._run_blocks(x, key_valid, start=0, caches=caches)
                 else:                                   # decode: c_{i-1} at position L + i
                     fed = torch.cat([token, token]) if guided else token   # the same token for both halves
-                    x = self.code_embedding(fed)                           # (R, 1, d)
+                    x = self._embed_image(fed, first_slot=i)               # (R, 1, d): slot i
                     h, _ = self._run_blocks(x, key_valid, start=L + i, caches=caches)
                 logits = self.head(h[:, -1])                               # (R, V): last position only
                 if guided:

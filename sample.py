@@ -41,7 +41,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from configurator import configure, config_from_dict, ConfigError
+from configurator import configure, ConfigError
 
 CHECKPOINT_KIND = 'arra-gpt'
 GRID_MAX_ROWS, GRID_MAX_COLS = 32, 16  # the PNG grid shows at most this many prompts x samples
@@ -55,7 +55,7 @@ class SampleConfig:
     prompts_file: str = ''            # one prompt per line (added after the --prompt ones)
     num_samples: int = 4              # samples per prompt
     cfg_scale: float = 2.0            # classifier-free guidance scale s in u + s (c - u); 1 = no guidance
-    temperature: float = 0.7          # softmax temperature (< 1: fewer stray codes, cleaner small images)
+    temperature: float = 0.7          # softmax temperature (< 1: fewer stray codes, cleaner small images); 0 = greedy
     top_k: int = 0                    # keep the k most likely codes; 0 = all
     top_p: float = 1.0                # nucleus sampling mass; 1.0 = off
     seed: int = 1337                  # same seed (and batch_size, device) -> identical images
@@ -75,13 +75,16 @@ class SampleError(Exception):
 
 def load_gpt(path, device):
     """A train.py checkpoint -> (GPT in eval mode on device, the checkpoint dict)."""
-    from model import GPT, GPTConfig
+    from model import GPT, config_from_checkpoint
     from utils import load_checkpoint
     ckpt = load_checkpoint(path, kind='python train.py')
     if not isinstance(ckpt, dict) or ckpt.get('kind') != CHECKPOINT_KIND or 'model_config' not in ckpt:
         kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SampleError(f'{path} is not a GPT checkpoint of train.py (kind {kind!r}, expected {CHECKPOINT_KIND!r})')
-    model = GPT(config_from_dict(GPTConfig, ckpt['model_config']))
+    try:
+        model = GPT(config_from_checkpoint(ckpt['model_config']))
+    except (ValueError, TypeError) as e:
+        raise SampleError(f'{path}: {e}') from None
     model.load_state_dict(ckpt['model'], strict=True)
     return model.to(device).eval(), ckpt
 
@@ -177,6 +180,9 @@ def sample(cfg):
     import torch.distributed as dist
     if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.scale < 1:
         raise SampleError('num_samples, batch_size and scale must be >= 1')
+    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise SampleError(f'--temperature={cfg.temperature} must be >= 0 (0 = greedy), --top_k={cfg.top_k} >= 0 '
+                          f'(0 = off), --top_p={cfg.top_p} in (0, 1] (1 = off)')
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
     device = pick_device(cfg.device)
     if world > 1 and device.startswith('cuda'):

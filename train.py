@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, config_from_dict, ConfigError
-from model import GPT, preset_config
+from model import GPT, preset_config, config_from_checkpoint
 from utils import REPO_ROOT, atomic_torch_save, load_checkpoint, file_sha256, pick_device
 from data.common import PreparedSplit, read_meta
 
@@ -89,6 +89,7 @@ class TrainConfig:
     n_head: int = 0                  # 0 = the preset's
     n_embd: int = 0                  # 0 = the preset's
     dropout: float = 0.0             # LlamaGen uses 0.1 on ImageNet; the small shapes model does not need it
+    image_pos: str = 'rowcol'        # image positions (model.py): 'rowcol', 'learned', 'rope2d' or 'none'
     # ARRA
     align_weight: float = 1.0        # lambda in CE + lambda * (1 - cos); 0 = the plain next-token baseline
     align_layer: int = 1             # align the hidden state after this block (1 = the first, the paper's best)
@@ -193,7 +194,8 @@ def gpt_config(cfg, meta):
     sizes = {k: getattr(cfg, k) for k in ('n_layer', 'n_head', 'n_embd') if getattr(cfg, k)}
     text_ids = {k: meta[k] for k in ('text_vocab_size', 'text_pad_id', 'text_sot_id', 'text_eot_id') if k in meta}
     return preset_config(cfg.model, **sizes, **text_ids, codebook_size=meta['codebook_size'],
-                         image_tokens=meta['image_tokens'], text_len=meta['text_len'], dropout=cfg.dropout,
+                         image_tokens=meta['image_tokens'], image_width=meta['grid'][1], image_pos=cfg.image_pos,
+                         text_len=meta['text_len'], dropout=cfg.dropout,
                          teacher_dim=meta['teacher_dim'], projector_hidden=cfg.projector_hidden,
                          align_layer=cfg.align_layer, align_positions=cfg.align_positions)
 
@@ -584,8 +586,9 @@ def parse_config(argv):
                          f'scratch first')
     try:
         ckpt = read_resume_checkpoint(path)
-    except RuntimeError as e:  # corrupt or foreign file (utils.load_checkpoint explains which)
-        raise TrainError(str(e)) from None
+        config_from_checkpoint(ckpt['model_config'])  # refuses a model of an older layout
+    except (RuntimeError, ValueError, TypeError) as e:  # corrupt, foreign or outdated file (the message says which)
+        raise TrainError(f'{path}: {e}') from None
     try:
         saved = config_from_dict(TrainConfig, ckpt['config'])
     except (ConfigError, TypeError) as e:

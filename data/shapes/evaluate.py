@@ -57,6 +57,8 @@ class EvalConfig:
     train: bool = False          # retrain the evaluator even when its checkpoint exists
     real: bool = False           # evaluate the real val split against its own captions (sanity check)
     samples_dir: str = ''        # folder of sample PNGs + prompts.txt (or prompts.jsonl) to evaluate
+    vqgan: str = ''              # with --real: score this tokenizer's reconstructions of the val images instead
+                                 # (encode -> decode): the ceiling of any GPT trained on its codes
     inception: str = ''          # pytorch-fid Inception weights file; '' = skip the Inception FID
     json_out: str = ''           # also write the metrics to this JSON file
     ckpt: str = ''               # '' = out/evaluator_shapes/evaluator.pt (evaluator_64px.pt for 64 px, ...)
@@ -460,6 +462,17 @@ def load_samples_dir(folder):
     return np.stack(images), prompts
 
 
+@torch.no_grad()
+def reconstruct(images_uint8, vqgan_path, batch_size=250):
+    """uint8 (N, H, W, 3) -> the tokenizer's reconstructions through its discrete codes, uint8 (N, H, W, 3)."""
+    from vqgan import load_vqgan
+    from utils import to_uint8_hwc, uint8_to_float
+    vq = load_vqgan(vqgan_path)
+    out = [to_uint8_hwc(vq.decode(vq.encode(uint8_to_float(images_uint8[i:i + batch_size]))))
+           for i in range(0, len(images_uint8), batch_size)]
+    return np.concatenate(out)
+
+
 def print_table(metrics, title):
     chance = chance_levels()
     print(f'\n{title}')
@@ -474,6 +487,8 @@ def main(argv):
     cfg = configure(EvalConfig(), argv)
     if cfg.real and cfg.samples_dir:
         raise SystemExit('pass either --real or --samples_dir=DIR, not both')
+    if cfg.vqgan and not cfg.real:
+        raise SystemExit('--vqgan=PATH scores reconstructions of the val images: add --real')
     if cfg.samples_dir:  # the samples' resolution picks the evaluator (one checkpoint per image size)
         images, prompts = load_samples_dir(cfg.samples_dir)
         cfg = replace(cfg, image_size=images.shape[1])
@@ -485,6 +500,8 @@ def main(argv):
     if cfg.real:  # val images vs their own captions; the Frechet reference is then train-split images (a floor)
         _, images, prompts = world.make_split(cfg.n_real, VAL_SEED, cfg.image_size)
         real, title = world.make_split(cfg.n_real, VAL_SEED - 1, cfg.image_size)[1], 'real val images'
+        if cfg.vqgan:
+            images, title = reconstruct(images, cfg.vqgan), f'reconstructions of val images by {cfg.vqgan}'
     else:
         real, title = real_val_images(cfg.image_size, cfg.n_real), cfg.samples_dir
     if not cfg.inception:
