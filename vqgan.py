@@ -508,8 +508,6 @@ class TrainConfig:
     # losses
     recon_loss: str = 'l2'              # 'l2' or 'l1' (l1 got stuck drawing backgrounds only: objects are few pixels)
     codebook_weight: float = 1.0        # weight of codebook + beta * commitment
-    edge_weight: float = 0.0            # extra reconstruction weight on pixels that differ from their 3x3
-                                        # neighbourhood (object outlines: small shapes are few pixels)
     perceptual_weight: float = 0.0      # LPIPS; needs local weights (off: none ship with the repo)
     disc_weight: float = 0.0            # PatchGAN hinge loss weight (0 = off: the CPU budget goes to more L2 steps)
     disc_start: int = 1000              # iteration where the GAN terms switch on (the autoencoder must work first)
@@ -610,12 +608,7 @@ def train(cfg: TrainConfig, progress=True):
         x = uint8_to_float(train_images[torch.randint(N, (cfg.batch_size,), generator=gen)]).to(device)
         recon, vq, codes = model(x)                                      # (B, 3, H, W), (B, h*w)
         hits += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
-        err = (recon - x) ** 2 if cfg.recon_loss == 'l2' else (recon - x).abs()      # (B, 3, H, W)
-        if cfg.edge_weight:
-            local = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)   # (B, 3, H, W)
-            w = 1 + cfg.edge_weight * (x - local).abs().mean(1, keepdim=True)          # (B, 1, H, W)
-            err = err * (w / w.mean())
-        rec = err.mean()
+        rec = F.mse_loss(recon, x) if cfg.recon_loss == 'l2' else F.l1_loss(recon, x)
         nll = rec + (cfg.perceptual_weight * lpips_fn(recon, x).mean() if lpips_fn else 0.0)
         loss = nll + cfg.codebook_weight * (vq['codebook'] + vq['commitment'])
         gan_on = use_gan and it >= cfg.disc_start

@@ -27,8 +27,15 @@ step() {  # step NAME COMMAND...: run once, then remember that it finished
 # shellcheck disable=SC2086  # the *_ARGS variables are word lists on purpose
 {
 python data/shapes/prepare.py --out_dir="$DATA_DIR" ${RENDER_ARGS:-}
-step tokenizer python vqgan.py --data_dir="$DATA_DIR" --out_dir="$OUT/vqgan_shapes" ${VQ_ARGS:-}
-step teacher python teacher.py --data_dir="$DATA_DIR" --out_dir="$OUT/teacher_shapes" ${TEACHER_ARGS:-}
+# The tokenizer and the teacher learn from the images alone, not from each other: train them side by side, one
+# thread each. The teacher shows its progress here; the tokenizer writes to $OUT/tokenizer.log (summary below).
+echo "== tokenizer: training in the background, log in $OUT/tokenizer.log"
+OMP_NUM_THREADS=1 step tokenizer python vqgan.py --data_dir="$DATA_DIR" --out_dir="$OUT/vqgan_shapes" ${VQ_ARGS:-} \
+    > "$OUT/tokenizer.log" 2>&1 &
+tokenizer=$!
+OMP_NUM_THREADS=1 step teacher python teacher.py --data_dir="$DATA_DIR" --out_dir="$OUT/teacher_shapes" ${TEACHER_ARGS:-}
+wait $tokenizer || { tail -n 20 "$OUT/tokenizer.log"; exit 1; }
+grep -E '^(== |trained|saved)' "$OUT/tokenizer.log" || true
 python data/shapes/prepare.py --stage=encode --out_dir="$DATA_DIR" ${RENDER_ARGS:-} \
     --vqgan="$OUT/vqgan_shapes/ckpt.pt" --teacher="$OUT/teacher_shapes/teacher.pt"
 step gpt python train.py --data_dir="$DATA_DIR" --out_dir="$OUT/shapes" ${TRAIN_ARGS:-}
