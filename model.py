@@ -7,8 +7,12 @@ pieces ARRA adds for training (a projector and the alignment loss).
   separate embeddings; the output head covers image codes only (text is never generated).
 - Blocks are LlamaGen's (Llama-style): pre-norm RMSNorm computed in fp32, attention with one fused qkv matmul and no
   biases, SwiGLU feed-forward, rotary position embedding on q and k, F.scaled_dot_product_attention.
-- Positions: one 1-D rotary embedding over the whole sequence. LlamaGen gives its condition tokens an all-zero
-  rotation, which multiplies their q and k by zero (FoundationVision/LlamaGen#54); here every token is rotated.
+- Positions: one 1-D rotary embedding over the whole sequence (every token rotated; LlamaGen gives its condition
+  tokens an all-zero rotation, which multiplies their q and k by zero, FoundationVision/LlamaGen#54), plus, for the
+  image, a learned row vector and a learned column vector added to each image input: slot k (BOI for k = 0, code
+  k-1 otherwise) predicts code k, so it gets row[k // w] + col[k % w] and knows where that code goes in the grid.
+  The rotary alone only tells an image token its distance from BOI, which a small model turns into (row, column)
+  badly (README, "Image positions"). Text inputs get no learned position, so left padding still changes nothing.
 - Padding: text is left-padded. Pad keys are masked out of attention, a pad query sees only itself (so no attention
   row is empty), and because rotary attention depends only on relative positions, shifting the prompt by more or
   fewer pads leaves every output unchanged.
@@ -39,7 +43,7 @@ class GPTConfig:
     codebook_size: int = 512        # V: image code vocabulary (the output head covers codes only)
     image_tokens: int = 64          # T = grid_h * grid_w codes per image, raster order
     image_width: int = 0            # grid_w: codes per image row (grid_h = image_tokens // image_width); 0 = square
-    image_pos: str = 'rowcol'       # how image tokens know their (row, col): see "positions" below
+    image_pos: str = 'rowcol'       # 'rowcol': learned row + column vectors on image inputs; 'none': rotary only
     text_len: int = 28              # L: text block length (left-padded)
     text_vocab_size: int = 49409    # open_clip BPE 49408 + one pad id
     text_pad_id: int = 49408        # id of the left pad (data/common.py TEXT_PAD_ID)
@@ -57,7 +61,7 @@ class GPTConfig:
             self.image_width = math.isqrt(self.image_tokens)  # a square grid, stored explicitly
 
 
-IMAGE_POS = ('none', 'learned', 'rowcol', 'rope2d')
+IMAGE_POS = ('rowcol', 'none')  # 'none': the 1-D rotary alone (the model before image positions, for ablations)
 
 # Body sizes of LlamaGen's GPT family (autoregressive/models/gpt.py GPT_B .. GPT_XXL); 'tiny' is a CPU-sized model.
 PRESETS = {
@@ -98,8 +102,6 @@ def check_config(c):
         problems.append(f'image_width={c.image_width} must divide image_tokens={c.image_tokens} (a full grid)')
     if c.image_pos not in IMAGE_POS:
         problems.append(f'image_pos={c.image_pos!r} must be one of {IMAGE_POS}')
-    if c.image_pos == 'rope2d' and (c.n_embd // c.n_head) % 4:
-        problems.append(f'image_pos=rope2d needs head_dim={c.n_embd // c.n_head} divisible by 4 (row and col pairs)')
     if problems:
         raise ValueError('invalid GPTConfig: ' + '; '.join(problems))
 
@@ -126,21 +128,6 @@ def rope_angles(head_dim, max_len, base):
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)               # (S, hd/2)
     return angles.cos(), angles.sin()
-
-
-def sequence_rope_angles(config):
-    """cos, sin tables (L + T, hd/2) for every position of the sequence. 1-D (the position index) unless
-    image_pos='rope2d': then, as in Qwen2-VL's multimodal rotary, the first half of the pairs rotates by a row index and
-    the second half by a column index; text/BOI tokens at index p use (p, p), and image slot k (predicting code k at
-    grid cell (r, c)) uses (L + r, L + c). Every text offset stays relative, so left padding still changes nothing."""
-    hd, L, T = config.n_embd // config.n_head, config.text_len, config.image_tokens
-    if config.image_pos != 'rope2d':
-        return rope_angles(hd, L + T, config.rope_base)
-    cos, sin = rope_angles(hd // 2, L + T, config.rope_base)                 # (S, hd/4) per axis
-    slot = torch.arange(T)
-    row, col = L + slot // config.image_width, L + slot % config.image_width  # (T,), (T,)
-    idx_r = torch.cat([torch.arange(L), row]); idx_c = torch.cat([torch.arange(L), col])  # (L + T,)
-    return torch.cat([cos[idx_r], cos[idx_c]], -1), torch.cat([sin[idx_r], sin[idx_c]], -1)  # (L + T, hd/2)
 
 
 def apply_rope(x, cos, sin):
@@ -347,22 +334,20 @@ class GPT(nn.Module):
         self.projector = None
         if config.teacher_dim > 0:
             self.projector = Projector(d, config.projector_hidden or config.teacher_dim, config.teacher_dim)
-        # image positions: a learned vector per image slot (or per row + per column), added to the BOI/code inputs
-        if config.image_pos == 'learned':
-            self.image_slot = nn.Parameter(torch.zeros(config.image_tokens, d))        # (T, d)
-        elif config.image_pos == 'rowcol':
+        # image positions: a learned vector per grid row and per grid column, added to the BOI and code inputs
+        if config.image_pos == 'rowcol':
             self.image_row = nn.Parameter(torch.zeros(config.image_tokens // config.image_width, d))  # (h, d)
             self.image_col = nn.Parameter(torch.zeros(config.image_width, d))                        # (w, d)
         # rotary tables for every position of the sequence; not saved (they follow from the config)
-        cos, sin = sequence_rope_angles(config)
+        cos, sin = rope_angles(d // config.n_head, config.text_len + config.image_tokens, config.rope_base)
         self.register_buffer('rope_cos', cos, persistent=False)      # (L + T, hd/2)
         self.register_buffer('rope_sin', sin, persistent=False)      # (L + T, hd/2)
 
         self.apply(self._init_weights)
         nn.init.normal_(self.boi, mean=0.0, std=0.02)
-        for name in ('image_slot', 'image_row', 'image_col'):
-            if hasattr(self, name):
-                nn.init.normal_(getattr(self, name), mean=0.0, std=0.02)
+        if config.image_pos == 'rowcol':
+            nn.init.normal_(self.image_row, mean=0.0, std=0.02)
+            nn.init.normal_(self.image_col, mean=0.0, std=0.02)
         # GPT-2's scaled init: each block adds two residual branches, so their output projections start smaller
         for name, p in self.named_parameters():
             if name.endswith('attention.wo.weight') or name.endswith('feed_forward.w2.weight'):
@@ -408,14 +393,13 @@ class GPT(nn.Module):
         return torch.cat([text != self.config.text_pad_id, image], dim=1)
 
     def _image_positions(self, start, n):
-        """(n, d) learned position vectors of image slots start..start+n-1 (slot k predicts code k), or 0."""
-        c = self.config
-        slot = torch.arange(start, start + n, device=self.boi.device)
-        if c.image_pos == 'learned':
-            return self.image_slot[slot]                                        # (n, d)
-        if c.image_pos == 'rowcol':
-            return self.image_row[slot // c.image_width] + self.image_col[slot % c.image_width]  # (n, d)
-        return 0.0
+        """(n, d) position vectors of image slots start..start+n-1: slot k predicts code k, which sits at grid row
+        k // w and column k % w, so it gets row[k // w] + col[k % w] (0 with image_pos='none')."""
+        if self.config.image_pos == 'none':
+            return 0.0
+        slot = torch.arange(start, start + n, device=self.boi.device)                       # (n,)
+        w = self.config.image_width
+        return self.image_row[slot // w] + self.image_col[slot % w]                         # (n, d)
 
     def _embed_image(self, codes_in, first_slot=0):
         """Input vectors of image slots (slot 0 reads BOI, slot k > 0 reads code k-1; slot k predicts code k), plus

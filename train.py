@@ -89,7 +89,7 @@ class TrainConfig:
     n_head: int = 0                  # 0 = the preset's
     n_embd: int = 0                  # 0 = the preset's
     dropout: float = 0.0             # LlamaGen uses 0.1 on ImageNet; the small shapes model does not need it
-    image_pos: str = 'rowcol'        # image positions (model.py): 'rowcol', 'learned', 'rope2d' or 'none'
+    image_pos: str = 'rowcol'        # image positions: learned row + column vectors; 'none' = 1-D rotary only
     # ARRA
     align_weight: float = 1.0        # lambda in CE + lambda * (1 - cos); 0 = the plain next-token baseline
     align_layer: int = 1             # align the hidden state after this block (1 = the first, the paper's best)

@@ -297,8 +297,7 @@ def test_param_counts_analytic():
     per_block = 4 * d * d + 3 * d * h + 2 * d          # wqkv + wo, w1 w2 w3, two norm weights
     body = c.n_layer * per_block + d + 2 * V * d       # + final norm, code embedding, head
     assert m.num_params(body_only=True) == body
-    positions = {'none': 0, 'rope2d': 0, 'learned': c.image_tokens * d,                 # image position tables
-                 'rowcol': (c.image_tokens // c.image_width + c.image_width) * d}[c.image_pos]
+    positions = (c.image_tokens // c.image_width + c.image_width) * d                     # row + column tables
     assert m.num_params() == body + c.text_vocab_size * d + d + positions  # + text table, BOI; projector excluded
     assert sum(p.numel() for p in m.parameters()) == m.num_params() + (d * 24 + 24) + (24 * 24 + 24)
     assert ffn_hidden_dim(768) == 2048 and ffn_hidden_dim(1024) == 2816

@@ -77,6 +77,31 @@ def test_a_mismatched_tokenizer_is_refused(tiny_ckpt, tmp_path, capsys):
     assert 'not found' in capsys.readouterr().err
 
 
+def test_checkpoints_from_before_image_positions_are_refused_with_a_retrain_message(tiny_ckpt, tmp_path, capsys):
+    """A checkpoint written before image tokens had positions holds another model's weights: sampling from it
+    must stop with a message that says to retrain, not load it silently or fail deep inside load_state_dict."""
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    for key in ('image_pos', 'image_width'):
+        del ckpt['model_config'][key]
+    ckpt['model'] = {k: v for k, v in ckpt['model'].items() if not k.startswith('image_')}
+    old = str(tmp_path / 'old.pt')
+    torch.save(ckpt, old)
+    with pytest.raises(SystemExit):
+        run(old, tmp_path, '--prompt', 'a red circle')
+    assert 'retrain' in capsys.readouterr().err
+
+
+def test_temperature_zero_is_greedy_and_negative_values_are_a_clear_error(tiny_ckpt, tmp_path, capsys):
+    """--temperature=0 samples greedily (identical images whatever the seed); a negative temperature is refused
+    at the command line with a message, not a traceback from inside the sampling loop."""
+    a, _ = run(tiny_ckpt, tmp_path, '--prompt', 'a red circle', '--temperature=0', '--seed=1', name='a.png')
+    b, _ = run(tiny_ckpt, tmp_path, '--prompt', 'a red circle', '--temperature=0', '--seed=2', name='b.png')
+    assert open(a, 'rb').read() == open(b, 'rb').read()
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, tmp_path, '--prompt', 'a red circle', '--temperature=-1')
+    assert 'temperature' in capsys.readouterr().err
+
+
 def test_empty_prompt_is_the_unconditional_caption(tiny_ckpt, tmp_path, capsys):
     model, _ = sample.load_gpt(tiny_ckpt, 'cpu')
     tokens = sample.tokenize_prompts(['', 'a red circle'], model.config.text_len)
