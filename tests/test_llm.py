@@ -264,24 +264,26 @@ def test_hub_id_without_network_fails_fast(monkeypatch, offline_env):
         from_pretrained_llm('arra-tests/no-such-llm', codebook_size=16)
 
 
+def llm_run(llm_folder, data_dir, out_dir, *args):
+    """train.py's config for a run from the LLM in llm_folder on data_dir (no peak-FLOPs measurement)."""
+    import train
+    from configurator import configure
+    return configure(train.TrainConfig(), [f'--init_from=llm:{llm_folder}', f'--data_dir={data_dir}',
+                                           f'--out_dir={out_dir}', '--peak_flops=1e11', *args])
+
+
 def test_train_rejects_size_overrides(tiny_llm, llm_data, tmp_path):
     """The body comes from the LLM: --n_layer (and n_head / n_embd) that disagree are an error, not ignored."""
     import train
-    from configurator import configure
-    cfg = configure(train.TrainConfig(), [f'--init_from=llm:{tiny_llm}', f'--data_dir={llm_data}', '--n_layer=5',
-                                          f'--out_dir={tmp_path}/out', '--peak_flops=1e11'])
     with pytest.raises(train.TrainError, match=r'n_layer=5 \(the LLM has 2\).*drop these size overrides'):
-        train.train(cfg)
+        train.train(llm_run(tiny_llm, llm_data, tmp_path, '--n_layer=5'))
 
 
 def test_train_rejects_data_in_another_tokenizer(tiny_llm, tiny_data, tmp_path):
     """Data tokenized with open_clip cannot train a model reading the LLM's tokenizer; the error names the flag."""
     import train
-    from configurator import configure
-    cfg = configure(train.TrainConfig(), [f'--init_from=llm:{tiny_llm}', f'--data_dir={tiny_data}',
-                                          f'--out_dir={tmp_path}/out', '--peak_flops=1e11'])
     with pytest.raises(train.TrainError, match=f'open_clip BPE.*--text_tokenizer={tiny_llm}'):
-        train.train(cfg)
+        train.train(llm_run(tiny_llm, tiny_data, tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,11 +292,8 @@ def test_train_rejects_data_in_another_tokenizer(tiny_llm, tiny_data, tmp_path):
 def test_arra_steps_from_the_llm_lower_the_loss(tiny_llm, llm_data, tmp_path):
     """A few ARRA steps from the LLM start lower both the val cross-entropy and the val alignment loss."""
     import train
-    from configurator import configure
-    cfg = configure(train.TrainConfig(), [f'--init_from=llm:{tiny_llm}', f'--data_dir={llm_data}',
-                                          f'--out_dir={tmp_path}/out', '--max_iters=30', '--eval_interval=30',
-                                          '--batch_size=16', '--learning_rate=3e-3', '--warmup_iters=5',
-                                          '--eval_samples=0', '--peak_flops=1e11'])
+    cfg = llm_run(tiny_llm, llm_data, tmp_path, '--max_iters=30', '--eval_interval=30', '--batch_size=16',
+                  '--learning_rate=3e-3', '--warmup_iters=5', '--eval_samples=0')
     evals = [h for h in train.train(cfg) if h['kind'] == 'eval']
     assert evals[-1]['val_ce'] < evals[0]['val_ce'] - 0.3
     assert evals[-1]['val_align'] < evals[0]['val_align']
