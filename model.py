@@ -40,6 +40,9 @@ class GPTConfig:
     n_layer: int = 4                # transformer blocks (presets below: LlamaGen's B / L / XL / XXL)
     n_head: int = 4                 # attention heads; head_dim = n_embd // n_head must be even (rotary pairs)
     n_embd: int = 128               # model width d
+    n_kv_head: int = 0              # key/value heads (grouped-query attention, as Llama LLMs); 0 = n_head
+    ffn_hidden: int = 0             # SwiGLU hidden width; 0 = LlamaGen's rule (ffn_hidden_dim)
+    norm_eps: float = 1e-5          # RMSNorm epsilon
     codebook_size: int = 512        # V: image code vocabulary (the output head covers codes only)
     image_tokens: int = 64          # T = grid_h * grid_w codes per image, raster order
     image_width: int = 0            # grid_w: codes per image row (grid_h = image_tokens // image_width); 0 = square
@@ -51,6 +54,8 @@ class GPTConfig:
     text_eot_id: int = 49407        # end-of-text id (open_clip)
     dropout: float = 0.0            # embedding/attention/residual/ffn dropout (LlamaGen uses 0.1 on ImageNet)
     rope_base: float = 10000.0      # rotary frequency base
+    rope_llama3: tuple = ()         # Llama 3's rotary rescaling (factor, low_freq_factor, high_freq_factor,
+                                    # original_max_position_embeddings); () = none
     teacher_dim: int = 0            # D of the ARRA teacher embedding; 0 = no projector (inference-only model)
     projector_hidden: int = 0       # hidden width of the projector MLP; 0 = teacher_dim (the paper's choice)
     align_layer: int = 1            # align the hidden state after this many blocks (1 = first block, paper default)
@@ -85,6 +90,11 @@ def check_config(c):
     problems = []
     if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2:
         problems.append(f'n_embd={c.n_embd} must split into n_head={c.n_head} heads of even width (rotary pairs)')
+    if c.n_kv_head < 0 or c.n_head % (c.n_kv_head or c.n_head):
+        problems.append(f'n_kv_head={c.n_kv_head} must divide n_head={c.n_head} (0 = n_head)')
+    if c.rope_llama3 and len(c.rope_llama3) != 4:
+        problems.append(f'rope_llama3={c.rope_llama3} must be (factor, low_freq_factor, high_freq_factor, '
+                        f'original_max_position_embeddings) or ()')
     if c.text_len < 2:
         problems.append(f'text_len={c.text_len} cannot hold the empty caption [SOT, EOT]; use at least 2')
     for name in ('text_pad_id', 'text_sot_id', 'text_eot_id'):
@@ -123,9 +133,17 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_angles(head_dim, max_len, base):
-    """cos, sin tables (max_len, head_dim/2): position p rotates pair i by p * base^(-2i/head_dim)."""
+def rope_angles(head_dim, max_len, base, llama3=()):
+    """cos, sin tables (max_len, head_dim/2): position p rotates pair i by p * base^(-2i/head_dim).
+    llama3 = (factor, low_freq_factor, high_freq_factor, original_len): Llama 3's rescaling, which slows the
+    frequencies whose wavelength exceeds original_len / low_freq_factor by `factor`, keeps those shorter than
+    original_len / high_freq_factor, and blends linearly (in original_len / wavelength) in between."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    if llama3:
+        factor, low, high, original_len = llama3
+        cycles = original_len * inv_freq / (2 * math.pi)            # (hd/2,) turns within the original context
+        blend = ((cycles - low) / (high - low)).clamp(0.0, 1.0)     # 0: slow down fully, 1: keep
+        inv_freq = inv_freq / factor * (1 - blend) + inv_freq * blend
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)               # (S, hd/2)
     return angles.cos(), angles.sin()
 
@@ -159,25 +177,32 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal self-attention; with n_kv_head < n_head (grouped-query), each key/value head serves n_head / n_kv_head
+    consecutive query heads, and the KV cache holds only the n_kv_head heads."""
 
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = config.n_embd // config.n_head
+        self.kv_dim = self.n_kv_head * self.head_dim
         self.dropout = config.dropout
-        self.wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
+        self.wqkv = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_dim, bias=False)  # q, k, v in one matmul
         self.wo = nn.Linear(config.n_embd, config.n_embd, bias=False)        # output projection (scaled init)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         B, S, C = x.shape
-        q, k, v = self.wqkv(x).split(C, dim=2)                        # 3 x (B, S, C)
-        q = q.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
-        k = k.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
-        v = v.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        q, k, v = self.wqkv(x).split([C, self.kv_dim, self.kv_dim], dim=2)  # (B, S, C), 2 x (B, S, Hkv*hd)
+        q = q.view(B, S, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, S, hd)
+        k = k.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(start, k, v)                          # (B, H, start+S, hd)
+            k, v = cache.update(start, k, v)                          # (B, Hkv, start+S, hd)
+        if self.n_kv_head != self.n_head:                             # query head h reads kv head h // group
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, start+S, hd)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, start+S, hd)
         # mask (B, 1, S, start+S), True = may attend: causal, pad keys removed, the diagonal always kept
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, S, hd)
@@ -197,7 +222,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        hidden = ffn_hidden_dim(config.n_embd)
+        hidden = config.ffn_hidden or ffn_hidden_dim(config.n_embd)
         self.w1 = nn.Linear(config.n_embd, hidden, bias=False)  # gate
         self.w3 = nn.Linear(config.n_embd, hidden, bias=False)  # value
         self.w2 = nn.Linear(hidden, config.n_embd, bias=False)  # output projection (scaled init)
@@ -212,9 +237,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.attention_norm = RMSNorm(config.n_embd)
+        self.attention_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.n_embd)
+        self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
@@ -327,7 +352,7 @@ class GPT(nn.Module):
         self.code_embedding = nn.Embedding(config.codebook_size, d)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(d)
+        self.norm = RMSNorm(d, config.norm_eps)
         # No weight tying: the head predicts codes only and LlamaGen keeps separate input and output code tables
         # (its published sizes count both), so the presets compare like with like.
         self.head = nn.Linear(d, config.codebook_size, bias=False)
@@ -339,7 +364,8 @@ class GPT(nn.Module):
             self.image_row = nn.Parameter(torch.zeros(config.image_tokens // config.image_width, d))  # (h, d)
             self.image_col = nn.Parameter(torch.zeros(config.image_width, d))                        # (w, d)
         # rotary tables for every position of the sequence; not saved (they follow from the config)
-        cos, sin = rope_angles(d // config.n_head, config.text_len + config.image_tokens, config.rope_base)
+        cos, sin = rope_angles(d // config.n_head, config.text_len + config.image_tokens, config.rope_base,
+                               config.rope_llama3)
         self.register_buffer('rope_cos', cos, persistent=False)      # (L + T, hd/2)
         self.register_buffer('rope_sin', sin, persistent=False)      # (L + T, hd/2)
 

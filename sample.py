@@ -11,7 +11,9 @@ written beside it).
 - The tokenizer is the one recorded in the checkpoint (data_meta['vqgan']: path and sha256); --vqgan=PATH points to
   another copy of it. A file whose sha256, codebook size or grid differs from the recorded one is refused: its codes
   would mean different pictures.
-- Prompts are tokenized like the training captions (open_clip BPE, left-padded to the model's text_len). A longer
+- Prompts are tokenized like the training captions, with the text tokenizer recorded in the checkpoint (open_clip
+  BPE, or the tokenizer.json of the LLM the model started from, refused if that file changed; --text_tokenizer=PATH
+  points to another copy of it), left-padded to the model's text_len. A longer
   prompt is cut to text_len with a warning; words never seen in training still tokenize (BPE) and run. An empty
   prompt is the empty caption the model was trained on for classifier-free guidance: unconditional samples.
 - Jobs are (prompt, sample) pairs, numbered j = prompt * num_samples + sample and cut, in that order, into batches of
@@ -51,6 +53,7 @@ GRID_MAX_ROWS, GRID_MAX_COLS = 32, 16  # the PNG grid shows at most this many pr
 class SampleConfig:
     ckpt: str = 'out/shapes/ckpt.pt'  # a GPT checkpoint written by train.py
     vqgan: str = ''                   # '' = the tokenizer file recorded in the checkpoint
+    text_tokenizer: str = ''          # '' = the text tokenizer recorded in the checkpoint (a tokenizer.json copy)
     prompt: list[str] = field(default_factory=list)  # repeat --prompt for several; none = 8 val captions
     prompts_file: str = ''            # one prompt per line (added after the --prompt ones)
     num_samples: int = 4              # samples per prompt
@@ -140,11 +143,22 @@ def read_prompts(cfg, ckpt):
     return prompts
 
 
-def tokenize_prompts(prompts, text_len):
+def load_text_tokenizer(ckpt, override_path):
+    """The text tokenizer the checkpoint's training data was prepared with (data.common.text_tokenizer_of)."""
+    from data.common import text_tokenizer_of
+    try:
+        return text_tokenizer_of(ckpt.get('data_meta', {}), override_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SampleError(str(e)) from None
+
+
+def tokenize_prompts(prompts, text_len, tokenizer=None):
     """-> long (P, text_len), warning about prompts cut to text_len and saying which ones are empty."""
-    from data.common import tokenize_captions, TEXT_PAD_ID
-    tokens = tokenize_captions(prompts, text_len, warn=False)                             # (P, L) uint16
-    lengths = (tokenize_captions(prompts, max(256, text_len), warn=False) != TEXT_PAD_ID).sum(1)  # with SOT/EOT
+    from data.common import tokenize_captions, open_clip_tokenizer
+    tokenizer = tokenizer or open_clip_tokenizer()
+    tokens = tokenize_captions(prompts, text_len, warn=False, tokenizer=tokenizer)          # (P, L)
+    lengths = (tokenize_captions(prompts, max(256, text_len), warn=False, tokenizer=tokenizer)
+               != tokenizer.pad_id).sum(1)                                                    # with SOT/EOT
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         if n > text_len:
             warnings.warn(f'prompt {i} is {n} tokens long (with start/end) but the model reads {text_len}: its end '
@@ -194,7 +208,8 @@ def sample(cfg):
         model, ckpt = load_gpt(cfg.ckpt, device)
         vq = load_matching_vqgan(ckpt, cfg.vqgan, device)
         prompts = read_prompts(cfg, ckpt)
-        text = tokenize_prompts(prompts, model.config.text_len).to(device)          # (P, L)
+        text_tok = load_text_tokenizer(ckpt, cfg.text_tokenizer)
+        text = tokenize_prompts(prompts, model.config.text_len, text_tok).to(device)  # (P, L)
         use_bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
         ctx = torch.autocast(device_type='cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()
 

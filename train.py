@@ -7,6 +7,7 @@ CPU (the shapes default: a few minutes on 2 cores, after the prepare steps in da
     python train.py                                        # ARRA, writes out/shapes/
     python train.py --align_weight=0 --out_dir=out/shapes_baseline
     python train.py --init_from=resume --out_dir=out/shapes --max_iters=1200   # continue (or extend) a run
+    python train.py --init_from=llm:path/to/SmolLM2-135M --learning_rate=2e-4 ...  # from a text-only LLM (llm.py)
 One GPU:
     python train.py --dataset=imagenet --grad_accum=8      # global batch 8 x 32 = 256, as LlamaGen
 One node, 8 GPUs (DDP through torchrun):
@@ -82,7 +83,8 @@ class TrainConfig:
     dataset: str = 'shapes'          # prepared folder data/<dataset>/ ('shapes', 'imagenet', 'folder', ...)
     data_dir: str = ''               # a prepared folder anywhere (overrides dataset)
     out_dir: str = ''                # '' = out/<dataset>: ckpt.pt, log.jsonl, config.json, sample grids
-    init_from: str = 'scratch'       # 'scratch' or 'resume' (continue out_dir/ckpt.pt: same order, same schedule)
+    init_from: str = 'scratch'       # 'scratch', 'resume' (continue out_dir/ckpt.pt: same order, same schedule), or
+                                     # 'llm:<folder or hub id>': blocks and text table from a Llama LLM (llm.py)
     # model (codebook size, image tokens, text length and teacher width come from the data's meta.json)
     model: str = 'tiny'              # size preset: 'tiny' (4 x 128), or LlamaGen's 'B', 'L', 'XL', 'XXL'
     n_layer: int = 0                 # 0 = the preset's; else overrides it
@@ -176,8 +178,10 @@ def load_data(cfg):
                if k not in meta]
     if missing or not {'train', 'val'} <= set(meta['splits']):
         raise TrainError(f'{data_dir}/meta.json lacks {missing or "a train and a val split"}: re-run {command}')
-    # the arrays must still correspond to the tokenizer and teacher files they were made with
-    for what in ('vqgan', 'teacher'):
+    # the arrays must still correspond to the tokenizers and teacher files they were made with
+    for what in ('vqgan', 'teacher', 'text_tokenizer'):
+        if not isinstance(meta.get(what), dict):  # older meta.json: text_tokenizer 'open_clip bpe'
+            continue
         path, sha = meta[what].get('path'), meta[what].get('sha256')
         if path and sha and os.path.isfile(path) and file_sha256(path) != sha:
             raise TrainError(f'{data_dir} was prepared with the {what} file {path} of sha256 {sha[:12]}.., but that '
@@ -189,15 +193,37 @@ def load_data(cfg):
     return data_dir, meta, train, val
 
 
-def gpt_config(cfg, meta):
-    """The GPTConfig of this run: a size preset (plus overrides), shaped by the prepared data."""
+def gpt_overrides(cfg, meta):
+    """The GPTConfig fields this run sets: sizes given on the command line, the prepared data's shapes and text ids,
+    the ARRA settings."""
     sizes = {k: getattr(cfg, k) for k in ('n_layer', 'n_head', 'n_embd') if getattr(cfg, k)}
     text_ids = {k: meta[k] for k in ('text_vocab_size', 'text_pad_id', 'text_sot_id', 'text_eot_id') if k in meta}
-    return preset_config(cfg.model, **sizes, **text_ids, codebook_size=meta['codebook_size'],
-                         image_tokens=meta['image_tokens'], image_width=meta['grid'][1], image_pos=cfg.image_pos,
-                         text_len=meta['text_len'], dropout=cfg.dropout,
-                         teacher_dim=meta['teacher_dim'], projector_hidden=cfg.projector_hidden,
-                         align_layer=cfg.align_layer, align_positions=cfg.align_positions)
+    return dict(**sizes, **text_ids, codebook_size=meta['codebook_size'], image_tokens=meta['image_tokens'],
+                image_width=meta['grid'][1], image_pos=cfg.image_pos, text_len=meta['text_len'], dropout=cfg.dropout,
+                teacher_dim=meta['teacher_dim'], projector_hidden=cfg.projector_hidden, align_layer=cfg.align_layer,
+                align_positions=cfg.align_positions)
+
+
+def gpt_config(cfg, meta):
+    """The GPTConfig of a run from scratch: a size preset with gpt_overrides on top."""
+    return preset_config(cfg.model, **gpt_overrides(cfg, meta))
+
+
+def start_from_llm(source, meta, data_dir, overrides):
+    """--init_from=llm:SOURCE -> the GPT with the LLM's weights (llm.py), once the captions of data_dir are known to
+    be in the LLM's own tokenizer (its tokenizer.json, by sha256)."""
+    from llm import from_pretrained_llm, resolve_llm_dir
+    folder = resolve_llm_dir(source)
+    tokenizer_file = os.path.join(folder, 'tokenizer.json')
+    recorded = meta.get('text_tokenizer')
+    if not os.path.isfile(tokenizer_file) or not isinstance(recorded, dict) or \
+            recorded.get('sha256') != file_sha256(tokenizer_file):
+        used = recorded.get('path') if isinstance(recorded, dict) and recorded.get('path') else 'open_clip BPE'
+        command = meta.get('prepare_command', 'the prepare step of this dataset')
+        raise TrainError(f'the captions in {data_dir} were tokenized with {used}, not with the tokenizer of the LLM '
+                         f'{source} ({tokenizer_file}{"" if os.path.isfile(tokenizer_file) else ", missing"}): '
+                         f'prepare them with it: `{command} --text_tokenizer={source}`')
+    return from_pretrained_llm(folder, **overrides)
 
 
 @lru_cache(maxsize=2)
@@ -377,19 +403,27 @@ def _train(cfg, resume_ckpt, ddp, rank, world, device, master):
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.init_from not in ('scratch', 'resume'):
-        raise TrainError(f"init_from={cfg.init_from!r}: choose 'scratch' or 'resume'")
+    if cfg.init_from not in ('scratch', 'resume') and not cfg.init_from.startswith('llm:'):
+        raise TrainError(f"init_from={cfg.init_from!r}: choose 'scratch', 'resume' or 'llm:<folder or hub id>'")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_iters < 0 or cfg.eval_interval < 1 or cfg.log_interval < 1:
         raise TrainError('batch_size, grad_accum, eval_interval and log_interval must be >= 1, max_iters >= 0')
 
     # -- data and model
     data_dir, meta, train_split, val_split = load_data(cfg)
     _, out_dir = resolve_paths(cfg)
+    # an LLM start is recorded in the checkpoints (llm_source), so a resumed run rebuilds the LLM's body
+    llm_source = cfg.init_from[4:] if cfg.init_from.startswith('llm:') else (resume_ckpt or {}).get('llm_source')
     try:
-        gpt_conf = gpt_config(cfg, meta)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        raw_model = GPT(gpt_conf)
-    except ValueError as e:
+        if cfg.init_from.startswith('llm:'):
+            raw_model = start_from_llm(llm_source, meta, data_dir, gpt_overrides(cfg, meta))
+        elif llm_source:  # resuming a run that started from an LLM: its body is in the checkpoint's model_config
+            from llm import llm_gpt_config
+            raw_model = GPT(llm_gpt_config(resume_ckpt['model_config'], **gpt_overrides(cfg, meta)))
+        else:
+            raw_model = GPT(gpt_config(cfg, meta))
+        gpt_conf = raw_model.config
+    except ValueError as e:  # bad sizes, or an LLM that cannot be loaded (llm.LLMError)
         raise TrainError(str(e)) from None
     if cfg.align_weight == 0:
         raw_model.projector.requires_grad_(False)  # the baseline: the projector takes no part and stays as it is
@@ -436,6 +470,8 @@ def _train(cfg, resume_ckpt, ddp, rank, world, device, master):
     log(f'data {data_dir}: {len(train_split)} train / {len(val_split)} val rows, {gpt_conf.image_tokens} codes of '
         f'{gpt_conf.codebook_size}, text_len {gpt_conf.text_len}, teacher {meta["teacher"].get("name")} '
         f'(D = {gpt_conf.teacher_dim})')
+    if llm_source:
+        log(f'model: blocks and text table from the LLM {llm_source} (the --model preset is not used)')
     log(f'model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(body_only=True) / 1e6:.2f}M '
         f'body) + projector {sum(p.numel() for p in raw_model.projector.parameters()) / 1e6:.3f}M '
         f'({"trained" if cfg.align_weight else "frozen"}); {world} rank(s) on {device}, '
@@ -470,7 +506,8 @@ def _train(cfg, resume_ckpt, ddp, rank, world, device, master):
         atomic_torch_save({'kind': CHECKPOINT_KIND, 'model': raw_model.state_dict(),
                            'optimizer': optimizer.state_dict(), 'model_config': asdict(gpt_conf),
                            'config': asdict(cfg), 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                           'rng': cpu_rng, 'data_meta': meta}, os.path.join(out_dir, 'ckpt.pt'))
+                           'rng': cpu_rng, 'data_meta': meta, **({'llm_source': llm_source} if llm_source else {})},
+                          os.path.join(out_dir, 'ckpt.pt'))
         log(f'saved {os.path.join(out_dir, "ckpt.pt")} at iter {iter_num}')
 
     vq, vq_note = None, None

@@ -5,17 +5,27 @@ A prepared dataset folder holds, for each split, plain memmapped arrays (nanoGPT
 batch with no decoding):
 
     {split}_codes.bin    uint16  [N, T]   VQ codes of each image, raster order (T = grid_h * grid_w)
-    {split}_text.bin     uint16  [N, L]   open_clip BPE ids of the caption, left-padded with TEXT_PAD_ID
+    {split}_text.bin     uint16  [N, L]   the caption's text-tokenizer ids, left-padded with the pad id
+                                          (uint32 when the tokenizer has more than 65,536 ids: meta text_dtype)
     {split}_teacher.bin  float16 [N, D]   the frozen teacher's L2-normalised global embedding of the same image
     meta.json            sizes, shapes, dtypes, and which tokenizer / teacher made the arrays (name, path, sha256)
 
 Text layout: [PAD ... PAD, SOT, t_1 .. t_k, EOT]. Left padding keeps the last text token right before the image, so
 the model sees the same relative positions whatever the caption length. The empty caption [PAD ... SOT, EOT] is the
 unconditional prompt used for classifier-free guidance.
+
+Text tokenizers (`--text_tokenizer=` of the prepare steps; meta.json records which one as `text_tokenizer`):
+    open_clip        CLIP's BPE that ships with open_clip (the default): SOT/EOT are its start/end tokens
+    DIR or FILE      an LLM's tokenizer.json (read with the `tokenizers` package), to train from that LLM
+                     (train.py --init_from=llm:DIR): SOT/EOT are its bos/eos tokens (tokenizer_config.json or
+                     config.json beside it). A Hugging Face hub id is fetched like llm.py fetches a checkpoint.
+Either way the pad gets an id of its own just past the vocabulary (so it never collides with a real token).
 """
 import os
 import json
 import warnings
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -26,31 +36,128 @@ TEXT_EOT_ID = 49407
 TEXT_PAD_ID = 49408
 TEXT_VOCAB_SIZE = 49409
 
-_bpe = None
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'config.json')  # what an LLM tokenizer is read from
 
 
-def _tokenizer():
-    global _bpe
-    if _bpe is None:
-        from open_clip.tokenizer import SimpleTokenizer  # ships its vocabulary in the wheel: works offline
-        _bpe = SimpleTokenizer()
-    return _bpe
+@dataclass
+class TextTokenizer:
+    """A caption tokenizer plus the ids of the text layout. `backend` encodes/decodes; the rest is its identity."""
+    kind: str                 # 'open_clip' or 'tokenizers'
+    path: Any                 # the tokenizer.json read (None for open_clip)
+    sha256: Any               # of that file (None for open_clip: the wheel fixes it)
+    vocab_size: int           # ids the tokenizer itself can produce
+    pad_id: int               # the left pad: vocab_size, an id no token has
+    sot_id: int
+    eot_id: int
+    backend: Any = None
+
+    def encode(self, text):
+        if self.kind == 'open_clip':
+            return self.backend.encode(text)
+        return self.backend.encode(text, add_special_tokens=False).ids  # SOT/EOT are added by tokenize_captions
+
+    def decode(self, ids):
+        return self.backend.decode(ids).strip()
+
+    def identity(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != 'backend'}
+
+    def meta(self):
+        """The meta.json entries train.py and sample.py read."""
+        vocab = max(self.vocab_size, self.pad_id + 1)
+        return dict(text_tokenizer=self.identity(), text_vocab_size=vocab, text_pad_id=self.pad_id,
+                    text_sot_id=self.sot_id, text_eot_id=self.eot_id,
+                    text_dtype='uint16' if vocab <= 1 << 16 else 'uint32')
 
 
-def tokenize_captions(captions, text_len, warn=True):
-    """Captions -> uint16 (N, text_len): [PAD.., SOT, bpe.., EOT]. Longer captions are truncated (EOT kept) with a
-    warning that says by how much, so a too-small text_len is noticed."""
+_open_clip = None
+
+
+def open_clip_tokenizer():
+    """The default: open_clip's BPE (its vocabulary ships in the wheel, so it works offline)."""
+    global _open_clip
+    if _open_clip is None:
+        from open_clip.tokenizer import SimpleTokenizer
+        _open_clip = TextTokenizer('open_clip', None, None, TEXT_PAD_ID, TEXT_PAD_ID, TEXT_SOT_ID, TEXT_EOT_ID,
+                                   SimpleTokenizer())
+    return _open_clip
+
+
+def _special_id(tok, folder, name):
+    """The id of the LLM's bos/eos token: tokenizer_config.json's bos_token/eos_token, else config.json's
+    bos_token_id/eos_token_id (the first one when it lists several)."""
+    def read(file):
+        path = os.path.join(folder, file)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+    token = read('tokenizer_config.json').get(f'{name}_token')
+    token = token.get('content') if isinstance(token, dict) else token
+    if token is not None and tok.token_to_id(token) is not None:
+        return tok.token_to_id(token)
+    found = read('config.json').get(f'{name}_token_id')
+    found = found[0] if isinstance(found, list) and found else found
+    if not isinstance(found, int):
+        raise ValueError(f'{folder} does not say which token is {name}: put tokenizer_config.json (with '
+                         f'{name}_token) or config.json (with {name}_token_id) next to tokenizer.json')
+    return found
+
+
+def load_text_tokenizer(spec='open_clip'):
+    """'open_clip', an LLM folder holding tokenizer.json, the tokenizer.json file itself, or a hub id."""
+    if spec in ('open_clip', '', 'open_clip bpe'):
+        return open_clip_tokenizer()
+    path = spec
+    if not os.path.exists(path):
+        from llm import resolve_llm_dir  # a hub id: fetched (or found in the cache), with a clear offline error
+        path = resolve_llm_dir(spec, files=TOKENIZER_FILES)
+    file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f'{file} not found: --text_tokenizer takes open_clip, or an LLM folder with a '
+                                f'tokenizer.json (or that file)')
+    from tokenizers import Tokenizer
+    from utils import file_sha256
+    tok = Tokenizer.from_file(file)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    folder = os.path.dirname(os.path.abspath(file))
+    return TextTokenizer('tokenizers', os.path.abspath(file), file_sha256(file), vocab, vocab,
+                         _special_id(tok, folder, 'bos'), _special_id(tok, folder, 'eos'), tok)
+
+
+def text_tokenizer_of(meta, override_path=''):
+    """The tokenizer a prepared dataset (its meta.json, or a checkpoint's data_meta) was made with. A tokenizers file
+    that is missing or changed (sha256) is refused: the ids would mean other words. override_path: another copy."""
+    recorded = meta.get('text_tokenizer')
+    if not isinstance(recorded, dict) or recorded.get('kind') == 'open_clip':  # older meta.json: the string
+        return open_clip_tokenizer()                                             # 'open_clip bpe'
+    path = override_path or recorded['path']
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'text tokenizer {path} not found (recorded when the data was prepared); pass '
+                                f'--text_tokenizer=PATH to a copy of that tokenizer.json')
+    tok = load_text_tokenizer(path)
+    if tok.identity() != recorded | {'path': tok.path}:
+        raise ValueError(f'text tokenizer {path} is not the one the data was prepared with (sha256 {tok.sha256[:12]}.. '
+                         f'vs {recorded["sha256"][:12]}.., or other ids); pass --text_tokenizer=PATH to that file')
+    return tok
+
+
+def tokenize_captions(captions, text_len, warn=True, tokenizer=None):
+    """Captions -> uint16 (N, text_len) (uint32 for a vocabulary past 65,536): [PAD.., SOT, ids.., EOT], with
+    `tokenizer` (default: open_clip's BPE). Longer captions are truncated (EOT kept) with a warning that says by how
+    much, so a too-small text_len is noticed."""
+    tok = tokenizer or open_clip_tokenizer()
     if text_len < 2:
         raise ValueError(f'text_len={text_len} cannot hold SOT and EOT; use at least 2')
-    out = np.full((len(captions), text_len), TEXT_PAD_ID, dtype=np.uint16)
+    out = np.full((len(captions), text_len), tok.pad_id, dtype=tok.meta()['text_dtype'])
     n_cut, longest = 0, 0
     for i, cap in enumerate(captions):
-        ids = _tokenizer().encode(cap)
+        ids = tok.encode(cap)
         longest = max(longest, len(ids) + 2)
         if len(ids) > text_len - 2:
             ids = ids[:text_len - 2]
             n_cut += 1
-        ids = [TEXT_SOT_ID] + ids + [TEXT_EOT_ID]
+        ids = [tok.sot_id] + ids + [tok.eot_id]
         out[i, text_len - len(ids):] = ids
     if n_cut and warn:
         warnings.warn(f'{n_cut} of {len(captions)} captions are longer than text_len={text_len} tokens (longest '
@@ -58,15 +165,15 @@ def tokenize_captions(captions, text_len, warn=True):
     return out
 
 
-def empty_caption_tokens(text_len):
+def empty_caption_tokens(text_len, tokenizer=None):
     """The unconditional prompt: uint16 (text_len,) = [PAD.., SOT, EOT]."""
-    return tokenize_captions([''], text_len)[0]
+    return tokenize_captions([''], text_len, tokenizer=tokenizer)[0]
 
 
-def decode_text(tokens):
-    """uint16 (L,) -> the caption string (pads, SOT and EOT dropped)."""
-    ids = [int(t) for t in tokens if int(t) not in (TEXT_PAD_ID, TEXT_SOT_ID, TEXT_EOT_ID)]
-    return _tokenizer().decode(ids).strip()
+def decode_text(tokens, tokenizer=None):
+    """(L,) ids -> the caption string (pads, SOT and EOT dropped)."""
+    tok = tokenizer or open_clip_tokenizer()
+    return tok.decode([int(t) for t in tokens if int(t) not in (tok.pad_id, tok.sot_id, tok.eot_id)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,11 +186,11 @@ def array_path(data_dir, split, name):
     return os.path.join(data_dir, f'{split}_{name}.bin')
 
 
-def open_for_write(data_dir, split, name, shape):
+def open_for_write(data_dir, split, name, shape, dtype=None):
     """A writable memmap [N, width] for one array (created, or reopened when it exists with the right size), so
-    several processes can each fill their own rows of the same file."""
+    several processes can each fill their own rows of the same file. dtype: ARRAYS[name] unless given."""
     path = array_path(data_dir, split, name)
-    dtype = np.dtype(ARRAYS[name])
+    dtype = np.dtype(dtype or ARRAYS[name])
     nbytes = int(np.prod(shape)) * dtype.itemsize
     mode = 'r+' if os.path.exists(path) and os.path.getsize(path) == nbytes else 'w+'
     return np.memmap(path, dtype=dtype, mode=mode, shape=tuple(shape))
@@ -116,11 +223,12 @@ class PreparedSplit:
         widths = {'codes': self.meta['image_tokens'], 'text': self.meta['text_len'], 'teacher': self.meta['teacher_dim']}
         for name, width in widths.items():
             path = array_path(data_dir, split, name)
-            expected = self.n * width * np.dtype(ARRAYS[name]).itemsize
+            dtype = np.dtype(self.meta.get('text_dtype', 'uint16') if name == 'text' else ARRAYS[name])
+            expected = self.n * width * dtype.itemsize
             if not os.path.exists(path) or os.path.getsize(path) != expected:
                 raise FileNotFoundError(f'{path} is missing or has the wrong size (expected {expected} bytes for '
-                                        f'[{self.n}, {width}] {np.dtype(ARRAYS[name]).name}); re-run the prepare step')
-            setattr(self, name, np.memmap(path, dtype=ARRAYS[name], mode='r', shape=(self.n, width)))
+                                        f'[{self.n}, {width}] {dtype.name}); re-run the prepare step')
+            setattr(self, name, np.memmap(path, dtype=dtype, mode='r', shape=(self.n, width)))
 
     def __len__(self):
         return self.n

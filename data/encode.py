@@ -59,8 +59,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.common import (ARRAYS, TEXT_VOCAB_SIZE, TEXT_PAD_ID, TEXT_SOT_ID, TEXT_EOT_ID,  # noqa: E402
-                         array_path, open_for_write, tokenize_captions, write_meta)
+from data.common import (ARRAYS, array_path, open_for_write, tokenize_captions, write_meta,  # noqa: E402
+                         load_text_tokenizer)
 from utils import atomic_write_bytes, pick_device  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's set
@@ -77,6 +77,7 @@ class EncodeConfig:
     teacher_pretrained: str = 'laion2b_s34b_b88k'  # open_clip tag or a local weights file (unused for hf-hub names)
     teacher_cache_dir: str = ''              # where open_clip keeps downloaded weights ('' = its default)
     text_len: int = 77                       # caption tokens L (SOT and EOT included); longer captions are cut
+    text_tokenizer: str = 'open_clip'        # 'open_clip', or an LLM folder / tokenizer.json / hub id (llm.py)
     flip: bool = False                       # add the mirror image of every train image as a second set of rows
     batch_size: int = 64                     # images per forward pass (the flip doubles it)
     shard_size: int = 1024                   # images per unit of work; the unit that is skipped when resuming
@@ -355,8 +356,9 @@ def _finish_split(items, cfg, plan, shape_of, n_shards):
         _compact(out, split, name, shape[1], keep, n, copies)
     captions = [' '.join(items.captions[i].split()) for i in keep]               # one line each, whitespace folded
     unique, inverse = np.unique(np.array(captions, dtype=object), return_inverse=True)  # ImageNet: 1000 strings
-    text = tokenize_captions(list(unique), cfg.text_len)[inverse]                # (n_kept, L)
-    text_rows = open_for_write(out, split, 'text', (copies * len(keep), cfg.text_len))
+    text = tokenize_captions(list(unique), cfg.text_len, tokenizer=load_text_tokenizer(cfg.text_tokenizer))
+    text = text[inverse]                                                         # (n_kept, L)
+    text_rows = open_for_write(out, split, 'text', (copies * len(keep), cfg.text_len), text.dtype)
     text_rows[:] = np.concatenate([text] * copies)
     text_rows.flush()
     del text_rows
@@ -404,6 +406,7 @@ def prepare(cfg, splits, dataset, script, preprocess=None, source=None, progress
         raise ValueError('out_dir is empty: say where the prepared arrays go (--out_dir=data/<name>)')
     if cfg.shard_size < 1 or cfg.batch_size < 1:
         raise ValueError(f'shard_size={cfg.shard_size} and batch_size={cfg.batch_size} must be positive')
+    load_text_tokenizer(cfg.text_tokenizer)  # a bad --text_tokenizer fails now, not after the images are encoded
     t0 = time.time()
     ranks = Ranks(cfg.device)
     try:
@@ -474,8 +477,7 @@ def prepare(cfg, splits, dataset, script, preprocess=None, source=None, progress
                 row_layout='row i is image i (line i of {split}_captions.txt and {split}_files.txt); with flip, '
                            'row images[split] + i is image i mirrored left-right, with the same text',
                 image_size=cfg.image_size, grid=list(vq.grid), image_tokens=T, codebook_size=vq.codebook_size,
-                text_len=cfg.text_len, text_tokenizer='open_clip bpe', text_vocab_size=TEXT_VOCAB_SIZE,
-                text_pad_id=TEXT_PAD_ID, text_sot_id=TEXT_SOT_ID, text_eot_id=TEXT_EOT_ID,
+                text_len=cfg.text_len, **load_text_tokenizer(cfg.text_tokenizer).meta(),
                 captions={k: f'{k}_captions.txt' for k in counts}, files={k: f'{k}_files.txt' for k in counts},
                 teacher=teacher_id, teacher_dim=teacher.dim, vqgan=vq_id,
                 preprocess=_describe(preprocess) + ': short side resized, centre square; the teacher embeds the '

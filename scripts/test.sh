@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
+want=$(cat requirements.txt requirements-test.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.requirements-test.sha256 2>/dev/null)" != "$want" ]; then
+  echo "installing requirements-test.txt into .venv ..."
+  python -m pip install -q -r requirements-test.txt -c requirements.txt
+  echo "$want" > .venv/.requirements-test.sha256
+fi
 set +e
 python -m pytest -q "$@"
 rc=$?

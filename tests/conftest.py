@@ -37,11 +37,12 @@ def tiny_vqgan(path, seed=0):
     return path
 
 
-def make_tiny_dataset(data_dir, vqgan_path):
-    """Write {train,val}_{codes,text,teacher}.bin, captions and meta.json for the 12-caption world."""
-    from data.common import tokenize_captions, open_for_write, write_meta, TEXT_PAD_ID, TEXT_SOT_ID, TEXT_EOT_ID, \
-        TEXT_VOCAB_SIZE
+def make_tiny_dataset(data_dir, vqgan_path, text_tokenizer=None):
+    """Write {train,val}_{codes,text,teacher}.bin, captions and meta.json for the 12-caption world, the captions in
+    text_tokenizer (a data.common.TextTokenizer; default open_clip's BPE)."""
+    from data.common import tokenize_captions, open_for_write, write_meta, open_clip_tokenizer
     from vqgan import vqgan_identity
+    text_tokenizer = text_tokenizer or open_clip_tokenizer()
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(0)
     T, K, D = TINY['grid'] ** 2, TINY['codebook_size'], TINY['teacher_dim']
@@ -52,10 +53,11 @@ def make_tiny_dataset(data_dir, vqgan_path):
     for split, n, offset in (('train', TINY['n_train'], 0), ('val', TINY['n_val'], 5)):
         which = (np.arange(n) + offset) % len(CAPTIONS)
         captions = [CAPTIONS[k] for k in which]
-        arrays = dict(codes=code_table[which], text=tokenize_captions(captions, TINY['text_len']),
+        arrays = dict(codes=code_table[which], text=tokenize_captions(captions, TINY['text_len'],
+                                                                      tokenizer=text_tokenizer),
                       teacher=teacher_table[which].astype(np.float16))
         for name, a in arrays.items():
-            out = open_for_write(data_dir, split, name, a.shape)
+            out = open_for_write(data_dir, split, name, a.shape, a.dtype)
             out[:] = a
             out.flush()
         with open(os.path.join(data_dir, f'{split}_captions.txt'), 'w') as f:
@@ -63,8 +65,7 @@ def make_tiny_dataset(data_dir, vqgan_path):
         splits[split] = n
     meta = dict(dataset='tiny', splits=splits, n_train=splits['train'], n_val=splits['val'],
                 image_size=TINY['image_size'], grid=[TINY['grid']] * 2, image_tokens=T, codebook_size=K,
-                text_len=TINY['text_len'], text_tokenizer='open_clip bpe', text_vocab_size=TEXT_VOCAB_SIZE,
-                text_pad_id=TEXT_PAD_ID, text_sot_id=TEXT_SOT_ID, text_eot_id=TEXT_EOT_ID,
+                text_len=TINY['text_len'], **text_tokenizer.meta(),
                 teacher=dict(name='caption-table', pretrained=None, path=None, sha256=None, dim=D), teacher_dim=D,
                 vqgan=vqgan_identity(vqgan_path), captions={s: f'{s}_captions.txt' for s in splits})
     write_meta(data_dir, meta)

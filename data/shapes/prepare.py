@@ -17,10 +17,11 @@ shapes tokenizer and teacher exist:
     python vqgan.py --dataset=shapes                   # -> out/vqgan_shapes/ckpt.pt
     python teacher.py --dataset=shapes                 # -> out/teacher_shapes/teacher.pt
     python data/shapes/prepare.py --stage=encode       # (or --stage=all: render, then encode)
+    python data/shapes/prepare.py --stage=encode --text_tokenizer=path/to/SmolLM2-135M   # to train from that LLM
 
 and writes, next to the images:
     {split}_codes.bin     uint16 (N, T)            VQ codes, T = 8x8 = 64 at 32 px
-    {split}_text.bin      uint16 (N, 28)           open_clip BPE ids of the caption, left-padded
+    {split}_text.bin      uint16 (N, 28)           the caption's text-tokenizer ids, left-padded
     {split}_teacher.bin   float16 (N, D)           the teacher's L2-normalised global embedding of the image
     meta.json             sizes, and the identity (path, sha256) of the tokenizer and teacher that made them
 """
@@ -105,6 +106,7 @@ class PrepareConfig(RenderConfig):
     vqgan: str = 'out/vqgan_shapes/ckpt.pt'           # image tokenizer (python vqgan.py --dataset=shapes)
     teacher: str = 'out/teacher_shapes/teacher.pt'    # frozen ARRA teacher (python teacher.py --dataset=shapes)
     text_len: int = SHAPES_TEXT_LEN                   # L: text block length of the GPT
+    text_tokenizer: str = 'open_clip'                 # 'open_clip', or an LLM folder / tokenizer.json / hub id
     batch_size: int = 256                             # images per tokenizer / teacher forward pass
     device: str = 'auto'                              # 'auto' = cuda when available
 
@@ -119,8 +121,7 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     """Write {split}_codes/_text/_teacher.bin and meta.json into cfg.out_dir from the rendered images and captions.
     Skips the work when meta.json already records the same tokenizer, teacher (sha256), text_len and renders.
     Returns the meta dict."""
-    from data.common import tokenize_captions, open_for_write, write_meta, read_meta, array_path, TEXT_PAD_ID, \
-        TEXT_SOT_ID, TEXT_EOT_ID, TEXT_VOCAB_SIZE
+    from data.common import tokenize_captions, open_for_write, write_meta, read_meta, array_path, load_text_tokenizer
     from vqgan import load_vqgan, encode_images, vqgan_identity
     from teacher import Teacher, embed_dataset
 
@@ -141,12 +142,14 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     # The identity of what would be written; if meta.json already says exactly this, the arrays are up to date.
     vq_id = vqgan_identity(cfg.vqgan)
     teacher_sha = file_sha256(cfg.teacher)
-    wanted = dict(render=render, text_len=cfg.text_len, vqgan_sha256=vq_id['sha256'], teacher_sha256=teacher_sha)
+    text_tok = load_text_tokenizer(cfg.text_tokenizer)
+    wanted = dict(render=render, text_len=cfg.text_len, vqgan_sha256=vq_id['sha256'], teacher_sha256=teacher_sha,
+                  text_tokenizer=text_tok.identity())
     if os.path.exists(os.path.join(cfg.out_dir, 'meta.json')):
         old = read_meta(cfg.out_dir)
         have = dict(render=old.get('render'), text_len=old.get('text_len'),
                     vqgan_sha256=old.get('vqgan', {}).get('sha256'),
-                    teacher_sha256=old.get('teacher', {}).get('sha256'))
+                    teacher_sha256=old.get('teacher', {}).get('sha256'), text_tokenizer=old.get('text_tokenizer'))
         if have == wanted and all(os.path.exists(array_path(cfg.out_dir, s, a))
                                   for s in splits for a in ('codes', 'text', 'teacher')):
             print(f'{cfg.out_dir} is already encoded with this tokenizer and teacher; skipping')
@@ -167,9 +170,9 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
         n = len(images)
         codes = encode_images(vq, images, cfg.batch_size, device, progress)           # (N, T) uint16
         feats = embed_dataset(teacher, images, cfg.batch_size, progress)              # (N, D) float16
-        text = tokenize_captions(captions, cfg.text_len)                              # (N, L) uint16
+        text = tokenize_captions(captions, cfg.text_len, tokenizer=text_tok)          # (N, L) uint16
         for name, array in (('codes', codes), ('text', text), ('teacher', feats)):
-            out = open_for_write(cfg.out_dir, split, name, array.shape)
+            out = open_for_write(cfg.out_dir, split, name, array.shape, array.dtype)
             out[:] = array
             out.flush()
             del out
@@ -179,8 +182,7 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
         n_train=len(splits['train'][0]), n_val=len(splits['val'][0]),
         image_size=image_size, grid=list(vq.grid), image_tokens=vq.grid[0] * vq.grid[1],
         codebook_size=vq.codebook_size,
-        text_len=cfg.text_len, text_tokenizer='open_clip bpe', text_vocab_size=TEXT_VOCAB_SIZE,
-        text_pad_id=TEXT_PAD_ID, text_sot_id=TEXT_SOT_ID, text_eot_id=TEXT_EOT_ID,
+        text_len=cfg.text_len, **text_tok.meta(),
         teacher=teacher.identity(), teacher_dim=teacher.dim,
         vqgan=vq_id,
         captions={split: f'{split}_captions.txt' for split in splits},

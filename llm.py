@@ -1,0 +1,298 @@
+"""
+Start the text-to-image GPT from a pretrained text-only LLM of the Llama family, as the paper's ARRA starts from
+Chameleon-7B's text weights: nanoGPT's `init_from='gpt2'` for the blocks model.py already follows (RMSNorm, SwiGLU,
+rotary, bias-free attention, grouped-query heads).
+
+    python train.py --init_from=llm:path/to/SmolLM2-135M ...   # see README.md, "Start from a text-only LLM"
+    python llm.py                                              # fine-tuning memory estimates for some LLM sizes
+
+    from llm import from_pretrained_llm
+    model = from_pretrained_llm('path/to/SmolLM2-135M', codebook_size=16384, image_tokens=256, text_len=77,
+                                teacher_dim=512)
+
+What loads: a Hugging Face `LlamaForCausalLM` folder, config.json + model.safetensors (or the shards listed in
+model.safetensors.index.json): SmolLM2-135M/360M, TinyLlama-1.1B, Llama-3.2-1B (its llama3 rotary rescaling is
+implemented), Llama-2-7B. Other architectures, bias terms, other rotary scalings or a head_dim that is not
+hidden_size / num_attention_heads are refused with an error. A hub id (org/name) is fetched into the Hugging Face
+cache when the hub can be reached; without network the error names the files to fetch and the local-folder flag.
+
+Mapping (Hugging Face name -> GPT name); every other GPT weight is new and initialised as from scratch (the code
+embedding, the BOI vector, the image head, the ARRA projector, and text rows past the LLM's vocabulary, e.g. a pad):
+    model.embed_tokens                      -> text_embedding (rows 0 .. vocab_size-1)
+    model.layers.i.input_layernorm          -> blocks.i.attention_norm
+    model.layers.i.self_attn.{q,k,v}_proj   -> blocks.i.attention.wqkv, stacked [q; k; v], q and k rows reordered
+    model.layers.i.self_attn.o_proj         -> blocks.i.attention.wo
+    model.layers.i.post_attention_layernorm -> blocks.i.ffn_norm
+    model.layers.i.mlp.{gate,up,down}_proj  -> blocks.i.feed_forward.{w1,w3,w2}
+    model.norm                              -> norm (it now feeds the image head)
+    lm_head                                 -> dropped: the GPT never writes text (tied or not)
+"""
+import os
+import re
+import sys
+import json
+import socket
+from urllib.parse import urlparse
+
+import torch
+
+from model import GPT, GPTConfig
+
+# the GPTConfig fields an LLM's config.json decides (text_vocab_size: at least its vocabulary)
+LLM_FIELDS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'norm_eps', 'rope_base', 'rope_llama3',
+              'text_vocab_size')
+CHECKPOINT_FILES = ('config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors',
+                    'tokenizer.json', 'tokenizer_config.json')
+HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
+
+
+class LLMError(ValueError):
+    """An LLM checkpoint that cannot be loaded, with a message that says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finding the files
+
+def resolve_llm_dir(source, files=CHECKPOINT_FILES):
+    """A local folder as it is; a hub id (org/name) -> its folder in the Hugging Face cache, fetched if needed."""
+    if os.path.isdir(source):
+        return source
+    if not HUB_ID.match(source):
+        raise LLMError(f'LLM folder {source} not found: pass a folder holding config.json and model.safetensors '
+                       f'(--init_from=llm:DIR), or a Hugging Face hub id org/name')
+    return fetch_from_hub(source, files)
+
+
+def hub_reachable(timeout=3.0):
+    """Whether a TCP connection to the hub opens within `timeout` seconds (so no network fails in seconds)."""
+    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_from_hub(hub_id, files):
+    """hub_id's files (glob patterns) from the Hugging Face cache, downloading them when the hub can be reached."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(hub_id, allow_patterns=list(files), local_files_only=True)
+    except Exception:  # not in the cache (huggingface_hub raises several kinds): try the network below
+        pass
+    offline = any(os.environ.get(v, '').lower() in ('1', 'true', 'yes', 'on')
+                  for v in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'))
+    why = 'HF_HUB_OFFLINE is set' if offline else None
+    if not offline and not hub_reachable():
+        why = 'the hub cannot be reached (no network?)'
+    if why is None:
+        try:
+            return snapshot_download(hub_id, allow_patterns=list(files))
+        except Exception as e:
+            why = f'the download failed: {type(e).__name__}: {str(e)[:200]}'
+    raise LLMError(f'{hub_id} is not in the Hugging Face cache and {why}. Fetch {", ".join(files)} (those that '
+                   f'exist) from https://huggingface.co/{hub_id} into one folder, e.g. `hf download {hub_id} '
+                   f'--include "*.json" "*.safetensors" --local-dir DIR`, and pass the folder instead: '
+                   f'--init_from=llm:DIR (and --text_tokenizer=DIR for the prepare step)')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config.json -> GPTConfig
+
+def read_llm_config(folder):
+    """The LLM_FIELDS of folder/config.json, after refusing what this GPT cannot reproduce exactly."""
+    path = os.path.join(folder, 'config.json')
+    if not os.path.isfile(path):
+        raise LLMError(f'{path} not found: an LLM folder needs config.json and model.safetensors (or '
+                       f'model.safetensors.index.json with its shards)')
+    with open(path) as f:
+        hf = json.load(f)
+    archs = hf.get('architectures') or []
+    if hf.get('model_type') != 'llama' or (archs and 'LlamaForCausalLM' not in archs):
+        raise LLMError(f'{folder} holds a {archs or hf.get("model_type")!r} model (model_type '
+                       f'{hf.get("model_type")!r}); only Llama-architecture text models (LlamaForCausalLM: SmolLM2, '
+                       f'TinyLlama, Llama 2 / 3) map onto this GPT')
+    n_embd, n_head = hf['hidden_size'], hf['num_attention_heads']
+    problems = []
+    if hf.get('hidden_act', 'silu') != 'silu':
+        problems.append(f'hidden_act {hf["hidden_act"]!r} (the SwiGLU here uses silu)')
+    if hf.get('attention_bias') or hf.get('mlp_bias'):
+        problems.append('attention or MLP biases (the blocks here have none)')
+    if hf.get('head_dim') not in (None, n_embd // n_head):
+        problems.append(f'head_dim {hf["head_dim"]} != hidden_size / num_attention_heads = {n_embd // n_head}')
+    rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}  # transformers >= 5 / older config.json
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    llama3 = ()
+    if rope_type == 'llama3':
+        llama3 = tuple(float(rope[k]) for k in ('factor', 'low_freq_factor', 'high_freq_factor',
+                                                'original_max_position_embeddings'))
+    elif rope_type != 'default':
+        problems.append(f'rotary scaling {rope_type!r} (only none and llama3 are implemented: add it to '
+                        f'model.rope_angles first)')
+    if problems:
+        raise LLMError(f'{path}: this GPT cannot reproduce ' + '; '.join(problems))
+    return dict(n_layer=hf['num_hidden_layers'], n_head=n_head, n_kv_head=hf.get('num_key_value_heads') or n_head,
+                n_embd=n_embd, ffn_hidden=hf['intermediate_size'], norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+                rope_base=float(hf.get('rope_theta', rope.get('rope_theta', 10000.0))), rope_llama3=llama3,
+                text_vocab_size=hf['vocab_size'])
+
+
+def llm_gpt_config(llm_fields, **overrides):
+    """GPTConfig with the body of the LLM (LLM_FIELDS of llm_fields: read_llm_config's dict, or the model_config of a
+    checkpoint that started from it) and any other field from overrides. The text table keeps at least the LLM's
+    rows; an override that would change the body is an error."""
+    body = {k: llm_fields[k] for k in LLM_FIELDS}
+    valid = set(GPTConfig.__dataclass_fields__)
+    if set(overrides) - valid:
+        raise LLMError(f'unknown GPTConfig fields {sorted(set(overrides) - valid)}; valid: {sorted(valid)}')
+    clash = {k: v for k, v in overrides.items() if k in body and k != 'text_vocab_size' and v != body[k]}
+    if clash:
+        raise LLMError(f'{", ".join(f"{k}={v} (the LLM has {body[k]})" for k, v in clash.items())}: the body of a '
+                       f'model started from an LLM is the LLM\'s own; drop these size overrides (--n_layer, '
+                       f'--n_head, --n_embd)')
+    body['text_vocab_size'] = max(body['text_vocab_size'], overrides.get('text_vocab_size', 0))
+    return GPTConfig(**{**overrides, **body})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the weights
+
+def hf_rotary_to_pairs(weight, n_heads):
+    """Reorder the rows of a q or k projection (n_heads * hd, d) from Hugging Face's rotary layout to ours.
+
+    Hugging Face rotates row j of a head with row j + hd/2 (the two halves), our apply_rope rotates 2i with 2i + 1,
+    both at frequency i; moving row i to 2i and row i + hd/2 to 2i + 1 in every head of q and of k makes the rotated
+    vectors the same up to one shared permutation, which leaves every q.k (and so attention) unchanged."""
+    rows, d = weight.shape
+    hd = rows // n_heads
+    return weight.reshape(n_heads, 2, hd // 2, d).transpose(1, 2).reshape(rows, d)  # [h, half, i] -> [h, i, half]
+
+
+class SafetensorsFolder:
+    """The tensors of a folder's model.safetensors, or of the shards model.safetensors.index.json lists, read one
+    at a time, checked against the shape the config implies. Records which names were read."""
+
+    def __init__(self, folder):
+        index, single = (os.path.join(folder, f) for f in ('model.safetensors.index.json', 'model.safetensors'))
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.file_of = {k: os.path.join(folder, v) for k, v in json.load(f)['weight_map'].items()}
+        elif os.path.isfile(single):
+            from safetensors import safe_open
+            with safe_open(single, framework='pt') as f:
+                self.file_of = {k: single for k in f.keys()}
+        else:
+            old = [f for f in ('pytorch_model.bin', 'model.pt') if os.path.exists(os.path.join(folder, f))]
+            raise LLMError(f'{folder} has no model.safetensors (nor model.safetensors.index.json with its shards)' +
+                           (f'; {old[0]} is not read here: save the model with safetensors '
+                            f'(save_pretrained(..., safe_serialization=True))' if old else ''))
+        missing = sorted({f for f in self.file_of.values() if not os.path.isfile(f)})
+        if missing:
+            raise LLMError(f'the shards {missing} listed in model.safetensors.index.json are missing: fetch them')
+        self.used = set()
+
+    def get(self, name, shape):
+        from safetensors import safe_open
+        if name not in self.file_of:
+            raise LLMError(f'tensor {name} is missing from the safetensors of this LLM (a truncated download, or '
+                           f'not a plain Llama checkpoint)')
+        with safe_open(self.file_of[name], framework='pt') as f:
+            tensor = f.get_tensor(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise LLMError(f'shape mismatch: {name} is {tuple(tensor.shape)} in {self.file_of[name]} but config.json '
+                           f'implies {tuple(shape)}; the folder\'s config.json and weights do not belong together')
+        self.used.add(name)
+        return tensor
+
+
+@torch.no_grad()
+def load_llm_weights(model, folder):
+    """Copy the LLM's weights in folder into model (a GPT built with llm_gpt_config from the same config.json), in
+    the model's dtype. Every LLM tensor must be used, except the text head and old rotary caches."""
+    c, weights = model.config, SafetensorsFolder(folder)
+    kv_dim = (c.n_kv_head or c.n_head) * (c.n_embd // c.n_head)
+    vocab = read_llm_config(folder)['text_vocab_size']
+    embed = 'model.embed_tokens.weight'
+    if embed not in weights.file_of and 'lm_head.weight' in weights.file_of:
+        embed = 'lm_head.weight'  # tied embeddings saved under the head's name only
+    model.text_embedding.weight[:vocab].copy_(weights.get(embed, (vocab, c.n_embd)))
+    for i, block in enumerate(model.blocks):
+        hf = f'model.layers.{i}.'
+        q = hf_rotary_to_pairs(weights.get(hf + 'self_attn.q_proj.weight', (c.n_embd, c.n_embd)), c.n_head)
+        k = hf_rotary_to_pairs(weights.get(hf + 'self_attn.k_proj.weight', (kv_dim, c.n_embd)), c.n_kv_head or c.n_head)
+        v = weights.get(hf + 'self_attn.v_proj.weight', (kv_dim, c.n_embd))
+        block.attention.wqkv.weight.copy_(torch.cat([q, k, v]))                      # (C + 2 kv_dim, C)
+        block.attention.wo.weight.copy_(weights.get(hf + 'self_attn.o_proj.weight', (c.n_embd, c.n_embd)))
+        block.attention_norm.weight.copy_(weights.get(hf + 'input_layernorm.weight', (c.n_embd,)))
+        block.ffn_norm.weight.copy_(weights.get(hf + 'post_attention_layernorm.weight', (c.n_embd,)))
+        for ours, theirs in (('w1', 'gate_proj'), ('w3', 'up_proj')):
+            getattr(block.feed_forward, ours).weight.copy_(weights.get(hf + f'mlp.{theirs}.weight',
+                                                                       (c.ffn_hidden, c.n_embd)))
+        block.feed_forward.w2.weight.copy_(weights.get(hf + 'mlp.down_proj.weight', (c.n_embd, c.ffn_hidden)))
+    model.norm.weight.copy_(weights.get('model.norm.weight', (c.n_embd,)))
+    unused = sorted(n for n in set(weights.file_of) - weights.used
+                    if n != 'lm_head.weight' and not n.endswith('rotary_emb.inv_freq'))
+    if unused:
+        more = ' ...' if len(unused) > 5 else ''
+        raise LLMError(f'{folder} has tensors this GPT has no place for: {unused[:5]}{more} (more layers than '
+                       f'config.json says, or not a plain Llama checkpoint)')
+    return model
+
+
+def from_pretrained_llm(path_or_hub_id, **gpt_overrides):
+    """A GPT whose blocks, final norm and text table are the LLM's (a local folder or a hub id) and whose image
+    parts are new. gpt_overrides: any other GPTConfig field (codebook_size, image_tokens, text_len, teacher_dim,
+    text ids, ...); the body sizes come from the LLM's config.json."""
+    folder = resolve_llm_dir(path_or_hub_id)
+    model = GPT(llm_gpt_config(read_llm_config(folder), **gpt_overrides))
+    return load_llm_weights(model, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory estimate
+
+# Body sizes from the config.json of each model card (typed in here, not read from the files).
+LLM_SIZES = {
+    'SmolLM2-135M': dict(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_hidden=1536, text_vocab_size=49152),
+    'SmolLM2-360M': dict(n_layer=32, n_head=15, n_kv_head=5, n_embd=960, ffn_hidden=2560, text_vocab_size=49152),
+    'TinyLlama-1.1B': dict(n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, ffn_hidden=5632, text_vocab_size=32000),
+    'Llama-3.2-1B': dict(n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, ffn_hidden=8192, text_vocab_size=128256),
+    'Llama-2-7B': dict(n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, ffn_hidden=11008, text_vocab_size=32000),
+}
+
+
+def finetune_memory(config, batch_size=1):
+    """Rough training memory (GiB) of a GPTConfig under train.py on one GPU (no sharding): parameters in fp32 with
+    their gradients and AdamW's two moments (16 bytes each), plus the activations autograd keeps for one
+    micro-batch under bf16 autocast, counted per token and block: ~34 * d bytes (norms in fp32, q/k/v, rotary,
+    attention output, residuals) + 8 * ffn_hidden (the SwiGLU's three branches and product), with the attention
+    matrix never stored (fused SDPA kernels), plus the code logits. An estimate, not a measurement."""
+    with torch.device('meta'):
+        model = GPT(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = batch_size * (config.text_len + config.image_tokens)
+    ffn = config.ffn_hidden or model.blocks[0].feed_forward.w1.out_features
+    activations = tokens * config.n_layer * (34 * config.n_embd + 8 * ffn)
+    logits = batch_size * config.image_tokens * config.codebook_size * (2 + 4 + 4)  # bf16 logits, fp32 softmax, grad
+    gib = 1024 ** 3
+    return dict(params=n_params, states_gib=16 * n_params / gib, activations_gib=(activations + logits) / gib,
+                total_gib=(16 * n_params + activations + logits) / gib)
+
+
+def main(argv):
+    """Print the memory table of README.md: 256 image codes (16x16, codebook 16384), 77 text tokens, CLIP teacher."""
+    shape = dict(codebook_size=16384, image_tokens=256, text_len=77, teacher_dim=512, text_pad_id=0, text_sot_id=0,
+                 text_eot_id=0)
+    batch_sizes = [int(b) for b in argv] or [1, 8]
+    print('| LLM | parameters | weights + grads + AdamW | ' +
+          ' | '.join(f'activations, batch {b}' for b in batch_sizes) + ' |')
+    print('|---|---|---|' + '---|' * len(batch_sizes))
+    for name, body in LLM_SIZES.items():
+        cfg = GPTConfig(**body, **shape)
+        rows = [finetune_memory(cfg, b) for b in batch_sizes]
+        print(f'| {name} | {rows[0]["params"] / 1e9:.2f}B | {rows[0]["states_gib"]:.1f} GiB | ' +
+              ' | '.join(f'{r["activations_gib"]:.1f} GiB' for r in rows) + ' |')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
