@@ -1,23 +1,44 @@
 """
-The ARRA-vs-baseline experiment on `shapes`: same data, same steps, same seeds, only the training objective differs.
+The regime map of ARRA on `shapes`: in which setting (world, teacher, alignment weight, depth, aligned block, training
+budget) does aligning a small GPT to a teacher help, measured against a baseline trained on the same data with the
+same seed (paired).
 
-    python scripts/experiment.py                          # the whole table + plot (see README for the time it takes)
-    python scripts/experiment.py --arms=baseline,arra --seeds=5
-    python scripts/experiment.py --report_only=True       # re-make the table and plot from finished runs
+    python scripts/experiment.py --dry_run=True            # the planned runs, what is done, and the CPU they cost
+    python scripts/experiment.py --prepare=True            # render, train the teachers and encode the data dirs
+    python scripts/experiment.py                           # the screen: one seed per cell, 1000 steps
+    python scripts/experiment.py --plan=confirm            # 3 paired seeds to 3000 steps: paper defaults, best cell
+    python scripts/experiment.py --cells="plan:scene:1:4:1,plan:none:0:4:1" --seeds=5 --steps=3000
+    python scripts/experiment.py --report_only=True        # rebuild results.md and curves.png from results.jsonl
 
-Arms (each a set of train.py overrides on top of the shapes defaults):
-    baseline   align_weight=0: plain next-token training (the projector exists but is frozen and unused)
-    arra       the paper's defaults: align_weight=1, block-1 hidden states, every image position (<HYBNEXT>)
-    rep        the paper's <REP> ablation: only the BOI position is aligned
-    late       alignment after a late block (layer 3 of 4; the paper also tried 30 of 32)
-    shuffled   control: ARRA's loss, but each image is aligned to ANOTHER image's teacher embedding; it keeps "an
-               extra loss of this form" and removes what the teacher knows about the image
+A cell is `world:teacher:align_weight:n_layer:align_layer`, e.g. `default:clip:1:4:1` (the paper's defaults here):
+    world      default | plan                    (data/shapes/world.py | plan_world.py: open cells, counts, relations)
+    teacher    none (the baseline, align_weight 0) | clip | clip_strong | scene (data/shapes/teachers.py), or one of
+               these + `_shuffled`: train.py --shuffle_teacher=True, the control that keeps the loss and removes what
+               the teacher knows about the image
+Each (world, teacher) reads its own data dir, data_root/shapes_<world>_<teacher> (the baseline and the shuffled
+controls read the clip / the named teacher's dir; with align_weight 0 the teacher features are never used). All
+dirs of a world hold the same images, codes and text: only {split}_teacher.bin differs.
 
-Each run trains in stages (resume reproduces an uninterrupted run exactly, and lr_decay_iters pins the schedule),
-and after every stage it samples one image for each of the first n_prompts val captions (fixed sampling seed) and
-scores them with the shapes evaluator (data/shapes/evaluate.py): prompt accuracy, background coherence, and the
-Frechet distance to real val images in the evaluator's feature space. Runs go `parallel` at a time, one thread each.
-Results: out_dir/<arm>_s<seed>/metrics.jsonl, then out_dir/results.json, results.md and curves.png.
+Plans (PLANS, `--plan`): `screen` runs each cell once (seed 0) to 1000 steps: per world the baseline, clip and scene
+at lambda 0.1 / 0.3 / 1, clip_strong and clip_shuffled at lambda 1 (4 x 128, block 1), plus on the default world
+depth 8 at block 1 and block 3 (~1/3 of the depth) with its baseline. `confirm` runs, per world, the baseline, the
+paper's defaults and the best screened cell (--best, 'auto' = the largest paired prompt-accuracy gain over its
+baseline at the screen) with 3 seeds to 3000 steps, and continues the shuffled and scene controls (seed 0) to 3000.
+
+Every run follows the same learning-rate schedule (warmup, cosine ending at schedule_steps = 3000), so a run stopped
+at 1000 steps is the first third of a 3000-step run and the confirm plan continues the screen's runs instead of
+starting over (train.py resumes exactly). Each run trains stage by stage (`stages`); after each stage it samples one
+image per val prompt at sample.py's default settings and scores them with the shapes evaluator (never with the
+teacher). The primary metrics are fixed: prompt accuracy and the evaluator's Frechet distance on n_prompts = 1000 val
+prompts, at the full_score_steps (1000 and 3000); val CE (1000 val rows) is secondary; on the plan world also the
+object count, objects (all there, nothing extra) and relation accuracies. Other stages are scored on curve_prompts
+prompts for the curves only. Runs go `parallel` at a time, one thread each.
+
+Results: out_dir/runs/<cell>_s<seed>/ (train.py's out_dir and metrics.jsonl, which makes the stages resumable);
+out_dir/results.jsonl, one line per scored stage, appended the moment it finishes, with the run's cell, seed, data,
+teacher and command; then results.md (one table per world and budget: mean +/- std over seeds, paired differences
+against the baseline with paired t-tests), results.json and curves.png. out_dir/ceiling_<world>.json: the scores of
+the tokenizer's own reconstructions of val images, the best any GPT can reach through it.
 """
 import os
 import sys
@@ -32,82 +53,259 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import configure  # noqa: E402
 
-ARMS = {
-    'baseline': ['--align_weight=0'],
-    'arra': [],
-    'rep': ['--align_positions=rep'],
-    'late': ['--align_layer=3'],
-    'shuffled': ['--shuffle_teacher=True'],
-}
-METRICS = [('val_ce', 'val CE (nats/code)', 'lower'), ('prompt_acc', 'prompt accuracy', 'higher'),
-           ('coherence_bg_color', 'bg colour coherence', 'higher'),
-           ('coherence_bg_texture', 'bg texture coherence', 'higher'),
-           ('frechet_evaluator', 'Frechet dist. (evaluator)', 'lower')]
+WORLDS = ('default', 'plan')
+TEACHERS = ('none', 'clip', 'clip_strong', 'scene')   # + '_shuffled' for the control
+PAPER_CELL = '{world}:clip:1:4:1'                      # ARRA's defaults: lambda 1, block 1 (of 4 here)
+METRICS = [('prompt_acc', 'prompt acc.', 'higher'), ('frechet_evaluator', 'Frechet (eval.)', 'lower'),
+           ('val_ce', 'val CE', 'lower'), ('coherence_bg_color', 'bg colour coh.', 'higher')]
+PLAN_METRICS = [('count_acc', 'count acc.', 'higher'), ('objects_acc', 'objects acc.', 'higher'),
+                ('relation_acc', 'relation acc.', 'higher')]
+PAIRED = ('prompt_acc', 'frechet_evaluator', 'val_ce')  # the differences the table tests
+# CPU cost model for --dry_run, one thread of the shared 2-core machine: a training step of 4 x 128 ~0.6 s, of
+# 8 x 128 ~1.0 s (600-step runs); sampling one image with guidance ~0.028 s at 4 blocks, ~0.066 s at 8, plus
+# decoding and reading; the CLIP teachers 400 steps x ~0.55 s, the strong one 1600 x ~0.75 s; an encode ~1.5 min.
+SEC_PER_STEP = lambda n_layer: 0.2 + 0.1 * n_layer  # noqa: E731
+SEC_PER_PROMPT = lambda n_layer: 0.005 + 0.0075 * n_layer  # noqa: E731
+PREP_MINUTES = {'clip': 4 + 1.5, 'clip_strong': 20 + 1.5, 'scene': 1.5}
 
 
 @dataclass
 class ExperimentConfig:
-    out_dir: str = 'out/experiment'      # one folder per run, plus the results
-    data_dir: str = 'data/shapes'        # prepared shapes (python data/shapes/prepare.py --stage=all)
-    arms: str = 'baseline,arra,rep,late,shuffled'  # comma-separated names from ARMS
-    seeds: int = 3                       # seeds per arm (seed k uses train.py --seed=k; arms share seeds: paired)
-    stages: tuple[int, ...] = (150, 300, 600)  # steps at which each run is scored; the last is the run length
-    n_prompts: int = 500                 # val captions sampled (one image each) at every stage
-    sample_seed: int = 0                 # the sampling seed, the same for every run
-    vqgan: str = ''                      # tokenizer for scoring ('' = the one recorded in the checkpoint)
-    cfg_scale: float = 2.0               # sampling settings of the scores (sample.py's defaults)
-    temperature: float = 0.7
-    rescore: bool = False                # only re-score each run's final checkpoint with the settings above
-    parallel: int = 2                    # runs at once; each gets one thread (2 cores -> 2 runs)
-    train_args: str = ''                 # extra train.py overrides for every run, space-separated
-    report_only: bool = False            # skip training; summarise what is in out_dir
-    worker: str = ''                     # internal: 'arm:seed' runs one run in this process
+    out_dir: str = 'out/regime_map'     # runs/, results.jsonl, results.md, curves.png, teachers/
+    plan: str = 'screen'                # 'screen' | 'confirm' (see the docstring); --cells replaces its cells
+    cells: str = ''                     # comma-separated 'world:teacher:align_weight:n_layer:align_layer'
+    worlds: str = 'default,plan'        # the worlds the plan's cells are made for
+    best: str = 'auto'                  # confirm: the best screened cell(s), comma-separated; 'auto' = from results
+    seeds: int = 0                      # seeds 0..seeds-1 per cell, shared by all cells (paired); 0 = the plan's
+    steps: int = 0                      # the run length; 0 = the plan's (screen 1000, confirm 3000)
+    stages: tuple[int, ...] = (250, 500, 1000, 2000, 3000)  # steps at which each run is scored (those <= steps)
+    schedule_steps: int = 3000          # every run's cosine ends here (train.py --lr_decay_iters): runs are prefixes
+    full_score_steps: tuple[int, ...] = (1000, 3000)  # stages scored on n_prompts: the rows of the tables
+    n_prompts: int = 1000               # val prompts (one image each) behind the primary metrics
+    curve_prompts: int = 250            # val prompts scored at the other stages (curves only)
+    sample_seed: int = 0                # the sampling seed, the same for every run
+    data_root: str = 'data'             # data dirs: data_root/shapes_<world>_<teacher>
+    vqgan: str = 'out/vqgan_shapes/ckpt.pt'  # the tokenizer every data dir is encoded with (--prepare)
+    parallel: int = 2                   # runs at once; each gets one thread (2 cores -> 2 runs)
+    train_args: str = ''                # extra train.py overrides for every run, space-separated
+    prepare: bool = False               # make the data dirs the planned cells need, then stop
+    dry_run: bool = False               # print the plan and its CPU estimate; run nothing
+    report_only: bool = False           # skip training; rebuild the tables and figure from results.jsonl
+    worker: str = ''                    # internal: 'cell@seed@steps' runs one run in this process
 
 
-def run_dir(cfg, arm, seed):
-    return os.path.join(cfg.out_dir, f'{arm}_s{seed}')
+# ----------------------------------------------------------------------------------------------------------------
+# cells and plans
+
+@dataclass(frozen=True)
+class Cell:
+    world: str
+    teacher: str          # 'none' | kind | kind + '_shuffled'
+    align_weight: float
+    n_layer: int
+    align_layer: int
+
+    @classmethod
+    def parse(cls, text):
+        parts = text.strip().split(':')
+        if len(parts) != 5:
+            raise ValueError(f'cell {text!r}: write world:teacher:align_weight:n_layer:align_layer, e.g. '
+                             f'default:clip:1:4:1')
+        world, teacher, weight, n_layer, layer = parts
+        kind = teacher.removesuffix('_shuffled')
+        if world not in WORLDS or kind not in TEACHERS or (teacher != kind and kind == 'none'):
+            raise ValueError(f'cell {text!r}: world is one of {WORLDS}; teacher one of {TEACHERS}, optionally + '
+                             f'_shuffled')
+        try:
+            cell = cls(world, teacher, float(weight), int(n_layer), int(layer))
+        except ValueError:
+            raise ValueError(f'cell {text!r}: align_weight is a number, n_layer and align_layer integers') from None
+        if (teacher == 'none') != (cell.align_weight == 0) or not 1 <= cell.align_layer <= cell.n_layer:
+            raise ValueError(f'cell {text!r}: the baseline is teacher none with align_weight 0 (and only it), and '
+                             f'1 <= align_layer <= n_layer')
+        return cell.canonical()
+
+    def canonical(self):
+        """The baseline has no aligned block: every baseline of a world and depth is one cell (align_layer 1)."""
+        return Cell(self.world, 'none', 0.0, self.n_layer, 1) if self.teacher == 'none' else self
+
+    def __str__(self):
+        return f'{self.world}:{self.teacher}:{self.align_weight:g}:{self.n_layer}:{self.align_layer}'
+
+    @property
+    def name(self):
+        if self.teacher == 'none':
+            return f'{self.world}_baseline_L{self.n_layer}'
+        return f'{self.world}_{self.teacher}_w{self.align_weight:g}_L{self.n_layer}b{self.align_layer}'
+
+    @property
+    def kind(self):
+        """The teacher whose data dir the run reads."""
+        return 'clip' if self.teacher == 'none' else self.teacher.removesuffix('_shuffled')
+
+    @property
+    def baseline(self):
+        return Cell(self.world, 'none', 0.0, self.n_layer, 1)
+
+    def train_args(self):
+        return [f'--align_weight={self.align_weight:g}', f'--n_layer={self.n_layer}',
+                f'--align_layer={self.align_layer}', f'--shuffle_teacher={self.teacher.endswith("_shuffled")}']
 
 
-def score_checkpoint(ckpt_path, cfg, evaluator, real_images, prompts):
-    """Sample one image per prompt from a checkpoint and score them with the shapes evaluator."""
+def screen_cells(worlds):
+    cells = []
+    for w in worlds:
+        cells += [f'{w}:none:0:4:1'] + [f'{w}:{t}:{lam}:4:1' for t in ('clip', 'scene') for lam in (0.1, 0.3, 1)]
+        cells += [f'{w}:clip_strong:1:4:1', f'{w}:clip_shuffled:1:4:1']
+        if w == 'default':  # depth: block 1 (the paper's) and block 3 (~1/3 of 8, REPA's place), with its baseline
+            cells += [f'{w}:none:0:8:1', f'{w}:clip:1:8:1', f'{w}:clip:1:8:3']
+    return [Cell.parse(c) for c in cells]
+
+
+def confirm_cells(worlds, best):
+    """-> (cells with the plan's seeds, control cells continued with seed 0 only)."""
+    main, controls = [], []
+    for w in worlds:
+        chosen = [b for b in best if b.world == w]
+        main += [Cell.parse(f'{w}:none:0:4:1'), Cell.parse(PAPER_CELL.format(world=w))]
+        main += [c for b in chosen for c in (b.baseline, b)]
+        controls += [Cell.parse(f'{w}:clip_shuffled:1:4:1'), Cell.parse(f'{w}:scene:1:4:1')]
+    main = list(dict.fromkeys(main))
+    return main, [c for c in dict.fromkeys(controls) if c not in main]
+
+
+PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=3000)}
+
+
+def planned_runs(cfg, rows=None):
+    """-> list of (cell, seed, steps) the config asks for."""
+    if cfg.plan not in PLANS:
+        raise ValueError(f'--plan={cfg.plan!r}: choose one of {", ".join(PLANS)}')
+    worlds = [w for w in cfg.worlds.split(',') if w]
+    if any(w not in WORLDS for w in worlds):
+        raise ValueError(f'--worlds={cfg.worlds!r}: choose from {", ".join(WORLDS)}')
+    seeds, steps = cfg.seeds or PLANS[cfg.plan]['seeds'], cfg.steps or PLANS[cfg.plan]['steps']
+    # seed by seed, so each seed's cells and their baselines finish together (the pairs of the paired tests)
+    if cfg.cells:
+        return [(Cell.parse(c), s, steps) for s in range(seeds) for c in cfg.cells.split(',') if c]
+    if cfg.plan == 'screen':
+        return [(c, s, steps) for s in range(seeds) for c in screen_cells(worlds)]
+    best = ([Cell.parse(b) for b in cfg.best.split(',') if b] if cfg.best != 'auto' else
+            [best_cell(rows if rows is not None else load_results(cfg.out_dir), w) for w in worlds])
+    main, controls = confirm_cells(worlds, best)
+    return [(c, s, steps) for s in range(seeds) for c in main] + [(c, 0, steps) for c in controls]
+
+
+def data_dir(cfg, cell):
+    return os.path.join(cfg.data_root, f'shapes_{cell.world}_{cell.kind}')
+
+
+def run_dir(cfg, cell, seed):
+    return os.path.join(cfg.out_dir, 'runs', f'{cell.name}_s{seed}')
+
+
+def run_stages(cfg, steps):
+    stages = [s for s in cfg.stages if s <= steps]
+    if not stages or stages[-1] != steps:
+        raise ValueError(f'the run length {steps} must be one of the stages {cfg.stages}')
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: one prepared dir per (world, teacher), the teachers trained on that world, the tokenizer's ceiling
+
+def teacher_path(cfg, world, kind):
+    return os.path.join(cfg.out_dir, 'teachers', f'{world}_{kind}', 'teacher.pt')
+
+
+def prepare_steps(cfg, world, kind):
+    """[(name, command, done)] that make data_root/shapes_<world>_<kind>: render, train the teacher (a CLIP kind,
+    on this world's images; plan captions need a longer context), encode with the shared tokenizer."""
+    from data.shapes.plan_world import TEXT_LEN
+    d, py = data_dir(cfg, Cell(world, kind, 1.0, 4, 1)), sys.executable
+    text = [f'--text_len={TEXT_LEN}'] if world == 'plan' else []
+    steps = [('render', [py, 'data/shapes/prepare.py', f'--world={world}', f'--out_dir={d}'],
+              os.path.exists(os.path.join(d, 'render.json')))]
+    encode = [py, 'data/shapes/prepare.py', '--stage=encode', f'--world={world}', f'--out_dir={d}',
+              f'--vqgan={cfg.vqgan}', f'--teacher_kind={kind}'] + text
+    if kind != 'scene':
+        path = teacher_path(cfg, world, kind)
+        steps.append(('teacher', [py, 'teacher.py', f'--data_dir={d}', f'--out_dir={os.path.dirname(path)}'] +
+                      (['--preset=strong'] if kind == 'clip_strong' else []) +
+                      ([f'--context_length={TEXT_LEN}'] if world == 'plan' else []), os.path.exists(path)))
+        encode.append(f'--teacher={path}')
+    steps.append(('encode', encode, os.path.exists(os.path.join(d, 'meta.json'))))
+    return steps
+
+
+def needed_data(runs):
+    return sorted({(cell.world, cell.kind) for cell, _, _ in runs})
+
+
+def prepare_data(cfg, runs):
+    """Run the prepare steps still missing for the planned cells, then measure each world's tokenizer ceiling."""
+    if not os.path.exists(cfg.vqgan):
+        raise SystemExit(f'--vqgan={cfg.vqgan} not found: train the shapes tokenizer first (python vqgan.py '
+                         f'--dataset=shapes) or point --vqgan at one')
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    for world, kind in needed_data(runs):
+        for name, cmd, done in prepare_steps(cfg, world, kind):
+            if not done or name == 'encode':  # encode skips by itself when meta.json matches
+                print(f'[prepare {world} {kind}] {name}: {" ".join(cmd)}', flush=True)
+                subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    for world in sorted({w for w, _ in needed_data(runs)}):
+        tokenizer_ceiling(cfg, world)
+
+
+def tokenizer_ceiling(cfg, world):
+    """The evaluator's scores of the tokenizer's reconstructions of the first n_prompts val images (their own codes
+    decoded) against their captions: what a perfect GPT would reach. Cached in out_dir/ceiling_<world>.json."""
+    import torch
+    from vqgan import load_vqgan
+    from utils import to_uint8_hwc, atomic_write_bytes
+    from data.common import PreparedSplit, read_meta
+    from data.shapes.evaluate import evaluate_samples, get_evaluator, EvalConfig, real_val_images
+    path = os.path.join(cfg.out_dir, f'ceiling_{world}.json')
+    if os.path.exists(path):
+        return json.load(open(path))
+    d = data_dir(cfg, Cell(world, 'clip', 1.0, 4, 1))
+    meta, vq = read_meta(d), load_vqgan(cfg.vqgan)
+    codes = torch.from_numpy(np.asarray(PreparedSplit(d, 'val', meta).codes[:cfg.n_prompts]).astype(np.int64))
+    with torch.no_grad():
+        images = np.concatenate([to_uint8_hwc(vq.decode(codes[i:i + 250])) for i in range(0, len(codes), 250)])
+    with open(os.path.join(d, 'val_captions.txt')) as f:
+        prompts = f.read().splitlines()[:len(images)]
+    size = meta['image_size']
+    metrics = evaluate_samples(images, prompts, get_evaluator(EvalConfig(image_size=size), progress=False),
+                               real_val_images(size, 1000, world), world_name=world)
+    metrics |= dict(vqgan_sha256=meta['vqgan']['sha256'], n_prompts=len(images))
+    atomic_write_bytes(json.dumps(metrics, indent=1).encode(), path)
+    print(f'tokenizer ceiling ({world}): prompt acc. {metrics["prompt_acc"]:.3f}')
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one run: train stage by stage, score every stage, record it at once
+
+def score_checkpoint(ckpt_path, cfg, world, prompts, evaluator, real_images):
+    """Sample one image per prompt at sample.py's default settings and score them with the shapes evaluator."""
     import torch
     from contextlib import nullcontext
-    from sample import load_gpt, load_matching_vqgan, tokenize_prompts, generate_images
+    from sample import SampleConfig, load_gpt, load_matching_vqgan, tokenize_prompts, generate_images
     from data.shapes.evaluate import evaluate_samples
+    settings = SampleConfig()
     model, ckpt = load_gpt(ckpt_path, 'cpu')
-    vq = load_matching_vqgan(ckpt, cfg.vqgan, 'cpu')  # refuses a tokenizer of another sha256
+    vq = load_matching_vqgan(ckpt, '', 'cpu')  # the tokenizer the data was encoded with
     text = tokenize_prompts(prompts, model.config.text_len)
     images = []
     for start in range(0, len(prompts), 250):
         g = torch.Generator().manual_seed(cfg.sample_seed + start)
-        images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, cfg.cfg_scale,
-                                      cfg.temperature))
+        images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, settings.cfg_scale,
+                                      settings.temperature))
     images = np.concatenate(images)
-    metrics = evaluate_samples(images, prompts, evaluator=evaluator, real_images=real_images)
-    metrics.update(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature)
-    return metrics, images
-
-
-def rescore(cfg, arms):
-    """Score every finished run's final checkpoint again with the current sampling settings (final.json)."""
-    from data.shapes.evaluate import get_evaluator, real_val_images
-    evaluator, real = get_evaluator(progress=False), real_val_images()
-    with open(os.path.join(cfg.data_dir, 'val_captions.txt')) as f:
-        prompts = f.read().splitlines()[:cfg.n_prompts]
-    for arm in arms:
-        for seed in range(cfg.seeds):
-            out = run_dir(cfg, arm, seed)
-            path = os.path.join(out, 'metrics.jsonl')
-            if not os.path.exists(path):
-                continue
-            last = [json.loads(line) for line in open(path)][-1]
-            if last['step'] != cfg.stages[-1]:
-                continue
-            metrics, _ = score_checkpoint(os.path.join(out, 'ckpt.pt'), cfg, evaluator, real, prompts)
-            metrics.update(step=last['step'], val_ce=last['val_ce'])
-            with open(os.path.join(out, 'final.json'), 'w') as f:
-                json.dump(metrics, f)
-            print(f'[{arm} s{seed}] rescored: prompt_acc {metrics["prompt_acc"]:.3f}')
+    metrics = evaluate_samples(images, prompts, evaluator=evaluator, real_images=real_images, world_name=world)
+    return metrics | dict(cfg_scale=settings.cfg_scale, temperature=settings.temperature, n_prompts=len(prompts)), \
+        images
 
 
 def last_val_ce(log_path, step):
@@ -121,180 +319,317 @@ def last_val_ce(log_path, step):
     return val
 
 
-def run_one(cfg, arm, seed):
-    """Train one (arm, seed) run stage by stage, scoring each stage. Resumable: finished stages are skipped."""
-    from data.shapes.evaluate import get_evaluator, real_val_images
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path, row):
+    with open(path, 'a') as f:  # one short append per line: concurrent runs do not interleave their lines
+        f.write(json.dumps(row) + '\n')
+
+
+def run_one(cfg, cell, seed, steps):
+    """Train one (cell, seed) run to `steps`, stage by stage, scoring each stage. Finished stages are skipped."""
     from utils import save_image_grid
-    out = run_dir(cfg, arm, seed)
+    from data.common import read_meta
+    from data.shapes.evaluate import get_evaluator, real_val_images, EvalConfig
+    out, d = run_dir(cfg, cell, seed), data_dir(cfg, cell)
     os.makedirs(out, exist_ok=True)
     metrics_path = os.path.join(out, 'metrics.jsonl')
-    done = set()
-    if os.path.exists(metrics_path):
-        done = {json.loads(line)['step'] for line in open(metrics_path)}
-    evaluator = get_evaluator(progress=False)
-    real = real_val_images()
-    with open(os.path.join(cfg.data_dir, 'val_captions.txt')) as f:
-        prompts = f.read().splitlines()[:cfg.n_prompts]
-    final = cfg.stages[-1]
-    eval_every = min(b - a for a, b in zip((0,) + tuple(cfg.stages), cfg.stages))
-    for k, step in enumerate(cfg.stages):
+    done = {r['step'] for r in read_jsonl(metrics_path)}
+    meta = read_meta(d)
+    evaluator = get_evaluator(EvalConfig(image_size=meta['image_size']), progress=False)
+    real = real_val_images(meta['image_size'], 1000, cell.world)
+    with open(os.path.join(d, 'val_captions.txt')) as f:
+        prompts = f.read().splitlines()
+    stages = run_stages(cfg, steps)
+    gap = min(b - a for a, b in zip([0] + stages, stages))
+    for step in stages:
         if step in done:
             continue
         resume = os.path.exists(os.path.join(out, 'ckpt.pt'))
-        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--data_dir={cfg.data_dir}', f'--out_dir={out}',
-               f'--seed={seed}', f'--max_iters={step}', f'--lr_decay_iters={final}', f'--eval_interval={eval_every}',
-               '--eval_samples=2', '--eval_rows=500', f'--init_from={"resume" if resume else "scratch"}'] + ARMS[arm] + cfg.train_args.split()
+        cmd = [sys.executable, 'train.py', f'--data_dir={d}', f'--out_dir={out}', f'--seed={seed}',
+               f'--max_iters={step}', f'--lr_decay_iters={cfg.schedule_steps}', f'--eval_interval={gap}',
+               '--eval_samples=0', '--eval_rows=1000', f'--init_from={"resume" if resume else "scratch"}'] + \
+            cell.train_args() + cfg.train_args.split()
         t0 = time.time()
         with open(os.path.join(out, 'train_stdout.txt'), 'a') as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        metrics, images = score_checkpoint(os.path.join(out, 'ckpt.pt'), cfg, evaluator, real, prompts)
-        metrics.update(step=step, val_ce=last_val_ce(os.path.join(out, 'log.jsonl'), step),
-                       train_s=time.time() - t0)
-        with open(metrics_path, 'a') as f:
-            f.write(json.dumps(metrics) + '\n')
-        if step == final:
-            save_image_grid(images[:64], os.path.join(out, 'samples_final.png'), nrow=8, scale=3)
-        print(f'[{arm} s{seed}] step {step}: val_ce {metrics["val_ce"]:.4f} prompt_acc {metrics["prompt_acc"]:.3f} '
-              f'coh_color {metrics["coherence_bg_color"]:.3f} frechet {metrics["frechet_evaluator"]:.2f}', flush=True)
+        t1 = time.time()
+        n = cfg.n_prompts if step in cfg.full_score_steps else cfg.curve_prompts
+        metrics, images = score_checkpoint(os.path.join(out, 'ckpt.pt'), cfg, cell.world, prompts[:n], evaluator, real)
+        row = dict(run=f'{cell.name}_s{seed}', cell=str(cell), **asdict(cell), seed=seed, step=step,
+                   val_ce=last_val_ce(os.path.join(out, 'log.jsonl'), step), train_s=round(t1 - t0, 1),
+                   score_s=round(time.time() - t1, 1), data_dir=d, teacher_identity=meta['teacher'],
+                   teacher_caption_r2=meta.get('teacher_caption_r2'), vqgan_sha256=meta['vqgan']['sha256'],
+                   train_command=' '.join(cmd[1:])) | metrics
+        append_jsonl(metrics_path, row)
+        append_jsonl(os.path.join(cfg.out_dir, 'results.jsonl'), row)
+        if step == steps:
+            save_image_grid(images[:64], os.path.join(out, f'samples_{step}.png'), nrow=8, scale=3)
+        print(f'[{cell} s{seed}] step {step}: val_ce {row["val_ce"]:.4f} prompt_acc {row["prompt_acc"]:.3f} '
+              f'frechet {row["frechet_evaluator"]:.1f}', flush=True)
 
 
-def launch_all(cfg, jobs):
-    """Run the (arm, seed) jobs as worker subprocesses, `parallel` at a time, one thread each."""
+def launch_all(cfg, runs):
+    """Run the (cell, seed, steps) jobs as worker subprocesses, `parallel` at a time, one thread each."""
     from tqdm import tqdm
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    pending, running = list(jobs), []
-    bar = tqdm(total=len(jobs), desc='runs', unit='run')
-    failed = []
+    pending, running, failed = list(runs), [], []
+    bar = tqdm(total=len(runs), desc='runs', unit='run')
+    logs = os.path.join(cfg.out_dir, 'logs')
+    os.makedirs(logs, exist_ok=True)
     while pending or running:
         while pending and len(running) < cfg.parallel:
-            arm, seed = pending.pop(0)
-            argv = [sys.executable, os.path.abspath(__file__), f'--worker={arm}:{seed}'] + \
-                [f'--{k}={v}' for k, v in asdict(cfg).items() if k not in ('worker', 'report_only')]
-            log = open(os.path.join(cfg.out_dir, f'worker_{arm}_s{seed}.log'), 'w')
-            running.append(((arm, seed), subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)))
+            cell, seed, steps = job = pending.pop(0)
+            argv = [sys.executable, os.path.abspath(__file__), f'--worker={cell}@{seed}@{steps}'] + \
+                [f'--{k}={v}' for k, v in asdict(cfg).items() if k not in ('worker', 'report_only', 'dry_run')]
+            log = open(os.path.join(logs, f'{cell.name}_s{seed}.log'), 'a')
+            running.append((job, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
         time.sleep(2)
-        for job in list(running):
-            if job[1].poll() is not None:
-                running.remove(job)
+        for job, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((job, proc))
                 bar.update(1)
-                if job[1].returncode != 0:
-                    failed.append(job[0])
-                    print(f'run {job[0]} failed: see {cfg.out_dir}/worker_{job[0][0]}_s{job[0][1]}.log')
+                if proc.returncode != 0:
+                    failed.append(job)
+                    print(f'run {job[0]} seed {job[1]} failed: see {logs}/{job[0].name}_s{job[1]}.log')
     bar.close()
     return failed
 
 
-def summarise(cfg, arms):
-    """Mean +/- std per arm and stage, paired differences against the baseline, a markdown table and a plot."""
+# ----------------------------------------------------------------------------------------------------------------
+# the plan's cost
+
+def run_progress(cfg, cell, seed):
+    """The last scored step of a run (0 if none)."""
+    return max([r['step'] for r in read_jsonl(os.path.join(run_dir(cfg, cell, seed), 'metrics.jsonl'))], default=0)
+
+
+def estimate_cpu_s(cfg, cell, seed, steps):
+    """CPU seconds still needed by a run (SEC_PER_STEP / SEC_PER_PROMPT: one thread of the shared machine)."""
+    start = run_progress(cfg, cell, seed)
+    todo = [s for s in run_stages(cfg, steps) if s > start]
+    prompts = sum(cfg.n_prompts if s in cfg.full_score_steps else cfg.curve_prompts for s in todo)
+    return max(0, steps - start) * SEC_PER_STEP(cell.n_layer) + prompts * SEC_PER_PROMPT(cell.n_layer)
+
+
+def print_plan(cfg, runs):
+    print(f'plan {cfg.cells and "--cells" or cfg.plan}: {len(runs)} runs; stages {cfg.stages}, schedule to '
+          f'{cfg.schedule_steps} steps, primary metrics at {cfg.full_score_steps} on {cfg.n_prompts} val prompts')
+    prep = 0.0
+    for world, kind in needed_data(runs):
+        todo = [name for name, _, done in prepare_steps(cfg, world, kind) if not done]
+        cost = PREP_MINUTES[kind] if 'teacher' in todo else (1.5 if todo else 0.0)
+        prep += cost
+        print(f'  data {data_dir(cfg, Cell(world, kind, 1.0, 4, 1)):<34} ' +
+              (f'to do: {", ".join(todo)} (~{cost:.0f} CPU-min)' if todo else 'ready'))
+    total = 0.0
+    print(f'  {"run":<40}{"seed":>5}{"done":>7}{"steps":>7}{"CPU-min":>9}')
+    for cell, seed, steps in runs:
+        cpu = estimate_cpu_s(cfg, cell, seed, steps) / 60
+        total += cpu
+        print(f'  {cell.name:<40}{seed:>5}{run_progress(cfg, cell, seed):>7}{steps:>7}{cpu:>9.1f}')
+    wall = (total + prep) / 60 / max(1, cfg.parallel)
+    print(f'total: ~{total / 60:.1f} CPU-hours of runs + ~{prep / 60:.1f} of preparation; ~{wall:.1f} h wall at '
+          f'parallel={cfg.parallel} (estimates: one thread per run, machine not otherwise loaded)')
+    return total + prep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the report: tables, paired tests, curves
+
+def load_results(out_dir):
+    """The rows of out_dir/results.jsonl, the last one of each (cell, seed, step) (a rescored stage replaces)."""
+    rows = {}
+    for r in read_jsonl(os.path.join(out_dir, 'results.jsonl')):
+        rows[(r['cell'], r['seed'], r['step'])] = r
+    return list(rows.values())
+
+
+def paired_test(x, y):
+    """Paired t-test of x against y (same seeds): (mean of x - y, t, two-sided p); t and p are nan below 2 pairs or
+    when every difference is the same."""
     from scipy import stats
-    runs = {}
-    for arm in arms:
-        for seed in range(cfg.seeds):
-            path = os.path.join(run_dir(cfg, arm, seed), 'metrics.jsonl')
-            if os.path.exists(path):
-                runs[(arm, seed)] = {r['step']: r for r in map(json.loads, open(path))}
-    final = cfg.stages[-1]
-    finals = {}  # the table: each run's last stage, or its re-scoring with the current settings (final.json)
-    for key, steps in runs.items():
-        final_path = os.path.join(run_dir(cfg, *key), 'final.json')
-        if os.path.exists(final_path):
-            finals[key] = json.load(open(final_path))
-        elif final in steps:
-            finals[key] = steps[final]
-    table = {}
-    for arm in arms:
-        seeds = [s for s in range(cfg.seeds) if (arm, s) in finals]
-        table[arm] = {'seeds': seeds}
-        for key, _, _ in METRICS:
-            vals = [finals[(arm, s)][key] for s in seeds]
-            table[arm][key] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, vals)
-    settings = sorted({(f.get('cfg_scale'), f.get('temperature')) for f in finals.values()}, key=str)
-    lines = [f'Final step {final}, samples scored at (cfg_scale, temperature) {settings}; mean +/- std over seeds (n per arm in brackets); paired difference against the '
-             f'baseline with a paired t-test p-value where both ran.\n',
-             '| arm | ' + ' | '.join(name for _, name, _ in METRICS) + ' |',
-             '|---|' + '---|' * len(METRICS)]
-    for arm in arms:
-        cells = []
-        for key, _, _ in METRICS:
-            mean, std, vals = table[arm][key]
-            cells.append(f'{mean:.4f} +/- {std:.4f}' if key == 'val_ce' else f'{mean:.3f} +/- {std:.3f}')
-        lines.append(f'| {arm} [{len(table[arm]["seeds"])}] | ' + ' | '.join(cells) + ' |')
-    if 'baseline' in arms:
-        lines += ['', '| arm - baseline (paired) | ' + ' | '.join(name for _, name, _ in METRICS) + ' |',
-                  '|---|' + '---|' * len(METRICS)]
-        for arm in arms:
-            if arm == 'baseline':
-                continue
-            common = sorted(set(table[arm]['seeds']) & set(table['baseline']['seeds']))
-            cells = []
-            for key, _, _ in METRICS:
-                d = [finals[(arm, s)][key] - finals[('baseline', s)][key] for s in common]
-                p = stats.ttest_rel([finals[(arm, s)][key] for s in common],
-                                    [finals[('baseline', s)][key] for s in common]).pvalue if len(common) > 1 else float('nan')
-                cells.append(f'{np.mean(d):+.4f} (p={p:.2f})' if d else 'n/a')
-            lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
-    text = '\n'.join(lines)
-    print(text)
-    with open(os.path.join(cfg.out_dir, 'results.md'), 'w') as f:
-        f.write(text + '\n')
-    with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
-        json.dump({'config': asdict(cfg), 'final': table, 'final_runs': {f'{a}_s{s}': r for (a, s), r in finals.items()},
-                   'curves': {f'{a}_s{s}': r for (a, s), r in runs.items()}}, f, indent=1)
-    plot_curves(cfg, arms, runs)
-    return table
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    if len(d) == 0:
+        return float('nan'), float('nan'), float('nan')
+    sd = d.std(ddof=1) if len(d) > 1 else 0.0
+    if sd == 0:
+        return float(d.mean()), float('nan'), float('nan')
+    t = d.mean() / (sd / np.sqrt(len(d)))
+    return float(d.mean()), float(t), float(2 * stats.t.sf(abs(t), len(d) - 1))
 
 
-def plot_curves(cfg, arms, runs):
+def metric_keys(world):
+    return [k for k, _, _ in METRICS + (PLAN_METRICS if world == 'plan' else [])]
+
+
+def cell_order(cell_text):
+    c = Cell.parse(cell_text)
+    return (c.n_layer, c.teacher != 'none', TEACHERS.index(c.kind), c.teacher.endswith('_shuffled'), c.align_layer,
+            c.align_weight)
+
+
+def summarise(rows, full_score_steps):
+    """{'<world>@<step>': {cell: dict(seeds, metrics={key: (mean, std, values)}, paired={key: (diff, t, p, n)})}}
+    over the full-score steps; paired: against the cell's baseline (same world, depth, step, seeds)."""
+    by = {}
+    for r in rows:
+        if r['step'] in full_score_steps:
+            by.setdefault((r['world'], r['step']), {}).setdefault(r['cell'], {})[r['seed']] = r
+    summary = {}
+    for (world, step), cells in sorted(by.items(), key=lambda kv: (WORLDS.index(kv[0][0]), kv[0][1])):
+        table = {}
+        for cell_text in sorted(cells, key=cell_order):
+            runs, cell = cells[cell_text], Cell.parse(cell_text)
+            seeds = sorted(runs)
+            entry = dict(seeds=seeds, metrics={})
+            for k in metric_keys(world):
+                vals = [float(runs[s].get(k, float('nan'))) for s in seeds]
+                entry['metrics'][k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                                       vals)
+            base = cells.get(str(cell.baseline))
+            if cell.teacher != 'none' and base:
+                common = sorted(set(runs) & set(base))
+                entry['paired'] = {k: paired_test([runs[s][k] for s in common], [base[s][k] for s in common]) +
+                                   (len(common),) for k in PAIRED}
+            table[cell_text] = entry
+        summary[f'{world}@{step}'] = table
+    return summary
+
+
+def best_cell(rows, world, full_score_steps=(1000, 3000)):
+    """The screened cell of a world (not a baseline or shuffled control) with the largest paired prompt-accuracy gain
+    over its baseline at the first full-score step with results; ties go to the lower val CE difference."""
+    summary = summarise([r for r in rows if r['world'] == world], full_score_steps)
+    if not summary:
+        raise ValueError(f'no scored runs of the {world} world in the results: run the screen first, or name the '
+                         f'cells with --best=world:teacher:weight:n_layer:align_layer')
+    table = summary[min(summary, key=lambda k: int(k.split('@')[1]))]
+    scored = [(e['paired']['prompt_acc'][0], -e['paired']['val_ce'][0], c) for c, e in table.items()
+              if 'paired' in e and not c.split(':')[1].endswith('_shuffled')]
+    if not scored:
+        raise ValueError(f'no {world} cell has a baseline run to compare with; run the screen first')
+    return Cell.parse(max(scored)[2])
+
+
+def _cell_text(mean, std, key):
+    if np.isnan(mean):
+        return 'n/a'
+    fmt = '.1f' if key == 'frechet_evaluator' else '.4f' if key == 'val_ce' else '.3f'
+    return f'{mean:{fmt}} +/- {std:{fmt}}'
+
+
+def _diff_text(diff, t, p, n, key):
+    if np.isnan(diff):
+        return ''
+    fmt = '+.1f' if key == 'frechet_evaluator' else '+.4f' if key == 'val_ce' else '+.3f'
+    return f'{diff:{fmt}}' + (f' (p={p:.3f})' if not np.isnan(p) else f' (n={n})')
+
+
+def markdown(summary, ceilings=None):
+    """One table per world and step: a row per cell with mean +/- std over seeds, n, and for the primary metrics and
+    val CE the paired difference against the baseline with its paired t-test p."""
+    names = dict((k, n) for k, n, _ in METRICS + PLAN_METRICS)
+    lines = []
+    for key, table in summary.items():
+        world, step = key.split('@')
+        ceiling = (ceilings or {}).get(world)
+        lines += [f'### {world} world, step {step}' + (f' (tokenizer ceiling: prompt acc. '
+                                                       f'{ceiling["prompt_acc"]:.3f})' if ceiling else ''), '']
+        cols = metric_keys(world)
+        header = ['cell', 'n'] + [h for k in cols for h in ([names[k], 'vs baseline'] if k in PAIRED else [names[k]])]
+        lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        for cell_text, e in table.items():
+            cells = [cell_text, str(len(e['seeds']))]
+            for k in cols:
+                cells.append(_cell_text(*e['metrics'][k][:2], k))
+                if k in PAIRED:
+                    cells.append(_diff_text(*e['paired'][k], k) if 'paired' in e else '')
+            lines.append('| ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def plot_curves(rows, path):
+    """Val CE, prompt accuracy and the evaluator's Frechet distance against steps: a row per world, a line per
+    cell (mean over its seeds at each scored step); baselines dashed."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
-    for ax, (key, name, better) in zip(axes, METRICS):
-        for arm in arms:
-            steps = list(cfg.stages)
-            vals = np.array([[runs.get((arm, s), {}).get(st, {}).get(key, np.nan) for st in steps]
-                             for s in range(cfg.seeds)], dtype=float)
-            if np.all(np.isnan(vals)):
-                continue
-            mean, std = np.nanmean(vals, 0), np.nanstd(vals, 0)
-            ax.plot(steps, mean, marker='o', label=arm)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        ax.set_title(f'{name} ({better} is better)', fontsize=9)
-        ax.set_xlabel('training step')
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    worlds = [w for w in WORLDS if any(r['world'] == w for r in rows)]
+    keys = [('val_ce', 'val CE (nats/code)'), ('prompt_acc', 'prompt accuracy'), ('frechet_evaluator', 'Frechet')]
+    fig, axes = plt.subplots(len(worlds), 3, figsize=(15, 4 * len(worlds)), squeeze=False)
+    for row, world in zip(axes, worlds):
+        cells = sorted({r['cell'] for r in rows if r['world'] == world}, key=cell_order)
+        for ax, (key, title) in zip(row, keys):
+            for cell_text in cells:
+                pts = {}
+                for r in rows:
+                    if r['cell'] == cell_text and r.get(key) is not None:
+                        pts.setdefault(r['step'], []).append(r[key])
+                steps = sorted(pts)
+                ax.plot(steps, [np.mean(pts[s]) for s in steps], marker='o', markersize=3, label=cell_text,
+                        linestyle='--' if ':none:' in cell_text else '-')
+            ax.set_title(f'{world} world: {title}', fontsize=9)
+            ax.set_xlabel('training step')
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=6)
     fig.tight_layout()
-    path = os.path.join(cfg.out_dir, 'curves.png')
     fig.savefig(path, dpi=110)
-    print(f'plot: {path}')
+    plt.close(fig)
+
+
+def report(cfg):
+    """results.jsonl -> results.md, results.json, curves.png (what --report_only=True runs)."""
+    from utils import atomic_write_bytes
+    rows = load_results(cfg.out_dir)
+    if not rows:
+        raise SystemExit(f'no results in {os.path.join(cfg.out_dir, "results.jsonl")} yet')
+    ceilings = {w: json.load(open(p)) for w in WORLDS
+                if os.path.exists(p := os.path.join(cfg.out_dir, f'ceiling_{w}.json'))}
+    summary = summarise(rows, cfg.full_score_steps)
+    text = markdown(summary, ceilings)
+    print(text)
+    atomic_write_bytes((text + '\n').encode(), os.path.join(cfg.out_dir, 'results.md'))
+    atomic_write_bytes(json.dumps(dict(summary=summary, ceilings=ceilings), indent=1).encode(),
+                       os.path.join(cfg.out_dir, 'results.json'))
+    plot_curves(rows, os.path.join(cfg.out_dir, 'curves.png'))
+    print(f'wrote {cfg.out_dir}/results.md, results.json and curves.png')
+    return summary
 
 
 def main(cfg):
-    arms = [a for a in cfg.arms.split(',') if a]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f'unknown arms {unknown}; choose from {list(ARMS)}')
     if cfg.worker:
-        arm, seed = cfg.worker.split(':')
-        run_one(cfg, arm, int(seed))
+        cell, seed, steps = cfg.worker.split('@')
+        run_one(cfg, Cell.parse(cell), int(seed), int(steps))
+        return
+    if cfg.report_only:
+        report(cfg)
+        return
+    try:
+        runs = planned_runs(cfg)
+        for _, _, steps in runs:
+            run_stages(cfg, steps)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+    if cfg.dry_run:
+        print_plan(cfg, runs)
         return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.rescore:
-        rescore(cfg, arms)
-    elif not cfg.report_only:
-        if not os.path.exists(os.path.join(cfg.data_dir, 'meta.json')):
-            raise SystemExit(f'{cfg.data_dir} is not prepared: run `bash scripts/shapes_pipeline.sh` (or the '
-                             f'prepare steps it lists) first')
-        from data.shapes.evaluate import get_evaluator
-        get_evaluator()  # train the evaluator once, before the workers need it
-        # the first two arms (baseline, arra) for every seed first, then the ablations: the main comparison is
-        # complete before the extras start
-        jobs = [(arm, seed) for seed in range(cfg.seeds) for arm in arms[:2]] + \
-               [(arm, seed) for seed in range(cfg.seeds) for arm in arms[2:]]
-        t0 = time.time()
-        failed = launch_all(cfg, jobs)
-        print(f'{len(jobs)} runs in {(time.time() - t0) / 60:.1f} min' + (f'; failed: {failed}' if failed else ''))
-    summarise(cfg, arms)
+    prepare_data(cfg, runs)
+    if cfg.prepare:
+        return
+    from data.shapes.evaluate import get_evaluator
+    get_evaluator()  # trained here once if missing, before the workers need it
+    t0 = time.time()
+    failed = launch_all(cfg, runs)
+    print(f'{len(runs)} runs in {(time.time() - t0) / 60:.1f} min' + (f'; failed: {failed}' if failed else ''))
+    report(cfg)
 
 
 if __name__ == '__main__':

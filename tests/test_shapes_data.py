@@ -105,3 +105,112 @@ def test_missing_split_error_names_the_command(tmp_path):
 def test_too_small_image_size_is_rejected(tmp_path):
     with pytest.raises(ValueError, match='image_size'):
         render_dataset(RenderConfig(out_dir=str(tmp_path), image_size=8, n_train=2, n_val=2), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan world (plan_world.py)
+
+from data.shapes import plan_world  # noqa: E402
+
+
+def test_plan_world_is_deterministic_and_differs_from_the_default():
+    """A split is a pure function of its seed and world; the plan world is another stream of scenes."""
+    s1, im1, c1 = world.make_split(60, seed=3, world='plan')
+    s2, im2, c2 = world.make_split(60, seed=3, world='plan')
+    assert s1 == s2 and c1 == c2 and np.array_equal(im1, im2)
+    assert c1 != world.make_split(60, seed=3)[2]
+    with pytest.raises(ValueError, match='plan'):
+        world.make_split(2, seed=0, world='nope')
+
+
+def test_plan_captions_follow_the_scene_clauses():
+    """Every clause is rendered from its objects: singles with their cell only when named, counted groups that look
+    alike and carry a number word, relations that hold between the two objects' cells; every object is in exactly
+    one clause, and the background is named as in the default world."""
+    scenes, images, captions = world.make_split(1500, seed=11, world='plan')
+    for scene, cap in zip(scenes, captions):
+        assert cap == world.caption(scene) == plan_world.caption(scene)
+        objects = scene['objects']
+        assert 1 <= len(objects) <= 3 and len({o['cell'] for o in objects}) == len(objects)
+        assert sorted(i for c in scene['clauses'] for i in c['objects']) == list(range(len(objects)))
+        for c in scene['clauses']:
+            first = objects[c['objects'][0]]
+            looks = f"{first['size']} {first['color']} {first['shape']}"
+            if c['kind'] == 'object':
+                cell = f" in the {world.CELL_NAMES[first['cell']]}"
+                assert (f'a {looks}{cell}' in cap) == c['name_cell'] and f'a {looks}' in cap
+            elif c['kind'] == 'count':
+                assert all({k: objects[i][k] for k in ('shape', 'color', 'size')} ==
+                           {k: first[k] for k in ('shape', 'color', 'size')} for i in c['objects'])
+                word = plan_world.NUMBER_WORDS[len(c['objects'])]
+                assert f"{word} {first['size']} {first['color']} {plan_world.PLURALS[first['shape']]}" in cap
+            else:
+                second = objects[c['objects'][1]]
+                assert plan_world.relation_holds(c['relation'], first['cell'], second['cell'])
+                assert f"a {looks} {c['relation']} a {second['size']} {second['color']} {second['shape']}" in cap
+        assert (scene['bg_color'] in cap.split()) == scene['name_bg_color']
+        assert (scene['bg_texture'] in cap.split()) == scene['name_bg_texture']
+
+
+def test_plan_world_mixes_its_clause_kinds():
+    """The rules' rates: objects uniform in 1..3; with >= 2 objects a count a third of the time, otherwise a relation
+    half of the time; single objects have their cell named half of the time."""
+    scenes, _, _ = world.make_split(6000, seed=2, world='plan')
+    counts = np.bincount([len(s['objects']) for s in scenes], minlength=4)[1:] / len(scenes)
+    assert np.all(np.abs(counts - 1 / 3) < 0.03), counts
+    multi = [s for s in scenes if len(s['objects']) >= 2]
+    kinds = lambda s: {c['kind'] for c in s['clauses']}  # noqa: E731
+    p_count = np.mean(['count' in kinds(s) for s in multi])
+    p_relation = np.mean(['relation' in kinds(s) for s in multi])
+    assert abs(p_count - 1 / 3) < 0.03 and abs(p_relation - 1 / 3) < 0.03, (p_count, p_relation)
+    named = [c['name_cell'] for s in scenes for c in s['clauses'] if c['kind'] == 'object']
+    assert abs(np.mean(named) - 0.5) < 0.03
+
+
+def test_plan_relations_are_read_from_the_grid():
+    """'above' / 'left of' compare grid rows / columns, at any distance and whatever the other coordinate."""
+    top_left, center, bottom_right, top_right = 0, 4, 8, 2
+    assert plan_world.relation_holds('above', top_left, center) and plan_world.relation_holds('below', center, 0)
+    assert plan_world.relation_holds('left of', top_left, bottom_right)
+    assert plan_world.relation_holds('right of', top_right, center)
+    assert not plan_world.relation_holds('above', top_left, top_right)      # same row
+    assert not plan_world.relation_holds('left of', top_right, bottom_right)  # same column
+
+
+def test_plan_pixels_show_every_object_and_the_background():
+    """The renderer is the default world's: each object's centre pixel has its colour, and a free cell's corner is
+    the scene's background (base or striped shade)."""
+    scenes, images, _ = world.make_split(300, seed=5, world='plan')
+    for scene, img in zip(scenes, images):
+        for o in scene['objects']:
+            x0, y0, x1, y1 = world.cell_box(o['cell'], 32)
+            assert np.abs(img[int((y0 + y1) / 2), int((x0 + x1) / 2)].astype(int) -
+                          world.COLORS[o['color']]).max() <= 2
+        free = next(c for c in range(9) if c not in {o['cell'] for o in scene['objects']})
+        x0, y0, _, _ = world.cell_box(free, 32)
+        pixel = img[int(np.ceil(y0)), int(np.ceil(x0))].astype(int)
+        base = np.array(world.BG_COLORS[scene['bg_color']])
+        assert min(np.abs(pixel - base).max(), np.abs(pixel - np.clip(base + world.STRIPE_LIFT, 0, 255)).max()) <= 1
+
+
+def test_plan_captions_fit_the_text_length():
+    """TEXT_LEN holds the longest plan caption in open_clip BPE tokens (the encode step of the plan world uses it)."""
+    from data.common import tokenize_captions, TEXT_PAD_ID
+    _, _, captions = world.make_split(3000, seed=8, world='plan')
+    tokens = tokenize_captions(captions, plan_world.TEXT_LEN + 20, warn=False)
+    assert 20 < (tokens != TEXT_PAD_ID).sum(1).max() <= plan_world.TEXT_LEN
+
+
+def test_prepare_renders_the_plan_world_and_records_it(tmp_path):
+    """--world=plan writes plan scenes whose captions re-derive from the records, and says so in render.json; the
+    default world's render.json stays as before the option existed (no 'world' key)."""
+    render_dataset(RenderConfig(out_dir=str(tmp_path / 'plan'), n_train=40, n_val=8, world='plan'), progress=False)
+    images, captions = load_split(str(tmp_path / 'plan'), 'train')
+    scenes = load_scenes(str(tmp_path / 'plan'), 'train')
+    assert [world.caption(s) for s in scenes] == captions and all(s['world'] == 'plan' for s in scenes)
+    assert np.array_equal(images, world.make_split(40, 1337, world='plan')[1])
+    assert json.load(open(tmp_path / 'plan' / 'render.json'))['world'] == 'plan'
+    render_dataset(RenderConfig(out_dir=str(tmp_path / 'default'), n_train=4, n_val=2), progress=False)
+    assert 'world' not in json.load(open(tmp_path / 'default' / 'render.json'))
+    with pytest.raises(ValueError, match='--world'):
+        render_dataset(RenderConfig(out_dir=str(tmp_path / 'x'), world='moon'), progress=False)

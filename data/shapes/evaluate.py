@@ -20,6 +20,10 @@ What it measures (evaluate_samples, one flat dict of floats):
   pixels, while with at most two objects >= 7 cells are empty and every row and column keeps at least one.
 - frechet_evaluator: the Frechet distance between generated and real val images in the evaluator's penultimate
   features (9 cells x feat_dim); fid_inception: the usual FID with fid.py's Inception when --inception is given.
+- For prompts of the plan world (plan_world.py: open cells, counts, relations; detected from the prompts, or
+  world_name='plan'), plan_prompt_metrics replaces prompt_metrics: count_acc, objects_acc (every object of the
+  caption there and nothing else), named_cell_acc, relation_acc, bg_*_acc and prompt_acc (all of it at once); the
+  Frechet reference is then the plan world's val split. The reader is the same: it reads cells, not captions.
 
 How the evaluator works: the image is resized to 3*cell_px pixels a side and cut into its 9 cells; one shared CNN
 reads each cell crop alone (shape: none + 5, colour 7, size 2, background colour 4, texture 2). Because a cell's
@@ -29,6 +33,7 @@ guess into all 9 cells). Training renders scenes with a seed of its own (not the
 a one-pixel jitter, a light blur and noise so slightly blurry or shifted generated images still read, and, since
 7 of 9 cells are empty, trains on the object cells plus a random part of the empty ones.
 """
+import itertools
 import os
 import re
 import sys
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.shapes import world  # noqa: E402
 from data.shapes.world import SHAPES, COLORS, SIZES, CELL_NAMES, BG_COLORS, BG_TEXTURES  # noqa: E402
+from data.shapes.plan_world import RELATIONS, NUMBER_WORDS, PLURALS, relation_holds  # noqa: E402
 
 CHECKPOINT_KIND = 'shapes-evaluator'
 VAL_SEED = 1338        # data/shapes/prepare.py renders val with seed + 1 = 1338 by default: the real reference
@@ -73,6 +79,7 @@ class EvalConfig:
     feat_dim: int = 32           # penultimate per-cell features; the Frechet features are 9 x feat_dim
     seed: int = 4242             # training scenes and init: not the dataset's train (1337) / val (1338) seeds
     n_real: int = 1000           # real val images: the Frechet reference (and, with --real, the images evaluated)
+    world: str = ''              # 'default' or 'plan': the world of --real and of the reference ('' = the prompts')
     device: str = 'auto'         # 'auto' = cuda when available
 
 
@@ -290,17 +297,24 @@ def parse_caption(text):
     def fail(why):
         raise ValueError(f'{text!r} is not a shapes caption ({why}); captions read like "a large red circle in the '
                          f'top left and a small blue square in the center on a striped gray background"')
-    if not isinstance(text, str):
-        raise TypeError(f'a caption is a str, got {type(text).__name__}')
-    m = re.fullmatch(r'(.*?)(?: on a (\S+(?: \S+)?) background)?', text.strip())
+    body, bg_color, bg_texture = split_background(text, fail)
     objects = []
-    for part in m.group(1).split(' and '):
+    for part in body.split(' and '):
         o = _OBJECT.fullmatch(part)
         if not o:
             fail(f'cannot read {part!r} as "a <size> <colour> <shape> in the <cell>"')
         objects.append(dict(shape=o[3], color=o[2], size=o[1], cell=CELL_NAMES.index(o[4])))
     if len({o['cell'] for o in objects}) < len(objects):
         fail('two objects in one cell')
+    return dict(objects=objects, bg_color=bg_color, bg_texture=bg_texture)
+
+
+def split_background(text, fail):
+    """'<objects> on a striped gray background' -> ('<objects>', 'gray', 'striped'); None for what is not named.
+    fail(why) raises the caller's error."""
+    if not isinstance(text, str):
+        raise TypeError(f'a caption is a str, got {type(text).__name__}')
+    m = re.fullmatch(r'(.*?)(?: on a (\S+(?: \S+)?) background)?', text.strip())
     bg_color = bg_texture = None
     if m.group(2):
         words = m.group(2).split()
@@ -310,7 +324,14 @@ def parse_caption(text):
             bg_color = words.pop(0)
         if words:
             fail(f'background {m.group(2)!r} is not "[{"|".join(BG_TEXTURES)}] [{"|".join(BG_COLORS)}]"')
-    return dict(objects=objects, bg_color=bg_color, bg_texture=bg_texture)
+    return m.group(1), bg_color, bg_texture
+
+
+def named_background(text):
+    """(bg_color, bg_texture) a caption of either world names (None where it is silent)."""
+    def fail(why):
+        raise ValueError(f'{text!r} is not a shapes caption ({why})')
+    return split_background(text, fail)[1:]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -341,14 +362,7 @@ def prompt_metrics(pred, prompts):
         occupied = np.flatnonzero(pred['shape'][i] > 0)
         count.append(len(occupied) == len(p['objects']))
         pos.append(set(occupied.tolist()) == {o['cell'] for o in p['objects']})
-        ok = ok_obj and pos[-1]
-        if p['bg_color'] is not None:  # the named background must show in every background cell
-            bgc.append(bool((pred['bg_color'][i][bg[i]] == BG_COLOR_NAMES.index(p['bg_color'])).all()))
-            ok &= bgc[-1]
-        if p['bg_texture'] is not None:
-            bgt.append(bool((pred['bg_texture'][i][bg[i]] == BG_TEXTURES.index(p['bg_texture'])).all()))
-            ok &= bgt[-1]
-        full.append(ok)
+        full.append(ok_obj and pos[-1] and _check_background(pred, i, p, bg[i], bgc, bgt))
     mean = lambda xs: float(np.mean(xs)) if len(xs) else float('nan')  # noqa: E731
     return dict(prompt_acc=mean(full), obj_shape_acc=mean(hits['shape']), obj_color_acc=mean(hits['color']),
                 obj_size_acc=mean(hits['size']), count_acc=mean(count), position_acc=mean(pos),
@@ -356,14 +370,27 @@ def prompt_metrics(pred, prompts):
                 n_bg_color_named=float(len(bgc)), n_bg_texture_named=float(len(bgt)))
 
 
+def _check_background(pred, i, parsed, bg_cells, bgc, bgt):
+    """Whether image i shows the background its caption names (if any) in every background cell; appends the colour
+    and texture verdicts to the lists bgc and bgt when the caption names them."""
+    ok = True
+    if parsed['bg_color'] is not None:
+        bgc.append(bool((pred['bg_color'][i][bg_cells] == BG_COLOR_NAMES.index(parsed['bg_color'])).all()))
+        ok &= bgc[-1]
+    if parsed['bg_texture'] is not None:
+        bgt.append(bool((pred['bg_texture'][i][bg_cells] == BG_TEXTURES.index(parsed['bg_texture'])).all()))
+        ok &= bgt[-1]
+    return ok
+
+
 def coherence_metrics(pred, prompts=None):
     """Over the images whose prompt leaves the background colour (texture) open - all images when prompts is None -
     the fraction whose background cells all read the same colour (texture)."""
     bg = background_cells(pred['shape'])
+    named = None if prompts is None else [dict(zip(('bg_color', 'bg_texture'), named_background(p))) for p in prompts]
     out = {}
     for prop in ('bg_color', 'bg_texture'):
-        open_ = np.array([parse_caption(p)[prop] is None for p in prompts]) if prompts is not None else \
-            np.ones(len(bg), dtype=bool)
+        open_ = np.ones(len(bg), dtype=bool) if named is None else np.array([n[prop] is None for n in named])
         agree = [len(set(pred[prop][i][bg[i]].tolist())) == 1 for i in np.flatnonzero(open_)]
         out[f'coherence_{prop}'] = float(np.mean(agree)) if agree else float('nan')
         out[f'n_{prop}_open'] = float(len(agree))
@@ -388,20 +415,112 @@ def chance_levels():
                 bg_color_acc=p_bgc, bg_texture_acc=p_bgt)
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# The plan world (plan_world.py): captions with open cells, counts and relations
+
+
+_LOOKS = rf"({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
+_PLAN_OBJECT = re.compile(rf"a {_LOOKS}(?: in the ({'|'.join(CELL_NAMES)}))?")
+_PLAN_COUNT = re.compile(rf"({'|'.join(NUMBER_WORDS.values())}) ({'|'.join(SIZES)}) ({'|'.join(COLORS)}) "
+                         rf"({'|'.join(PLURALS.values())})")
+_PLAN_RELATION = re.compile(rf"a {_LOOKS} ({'|'.join(RELATIONS)}) a {_LOOKS}")
+_NUMBER = {w: k for k, w in NUMBER_WORDS.items()}
+_SINGULAR = {p: s for s, p in PLURALS.items()}
+
+
+def parse_plan_caption(text):
+    """The inverse of plan_world.caption, a superset of parse_caption's grammar: {objects: [{shape, color, size,
+    cell}] with cell None where the caption leaves it open (a counted group gives one entry per object), relations:
+    [(i, j, relation)] over object indices ('object i is above object j'), bg_color, bg_texture}."""
+    def fail(why):
+        raise ValueError(f'{text!r} is not a plan-world caption ({why}); clauses read like "a large red circle [in the '
+                         f'top left]", "two small blue squares" or "a large red circle above a small blue square"')
+    body, bg_color, bg_texture = split_background(text, fail)
+    objects, relations = [], []
+    for part in body.split(' and '):
+        if m := _PLAN_OBJECT.fullmatch(part):
+            objects.append(dict(shape=m[3], color=m[2], size=m[1], cell=CELL_NAMES.index(m[4]) if m[4] else None))
+        elif m := _PLAN_COUNT.fullmatch(part):
+            objects += [dict(shape=_SINGULAR[m[4]], color=m[3], size=m[2], cell=None) for _ in range(_NUMBER[m[1]])]
+        elif m := _PLAN_RELATION.fullmatch(part):
+            relations.append((len(objects), len(objects) + 1, m[4]))
+            objects += [dict(shape=m[3], color=m[2], size=m[1], cell=None),
+                        dict(shape=m[7], color=m[6], size=m[5], cell=None)]
+        else:
+            fail(f'cannot read the clause {part!r}')
+    named = [o['cell'] for o in objects if o['cell'] is not None]
+    if len(set(named)) < len(named) or len(objects) > 9:
+        fail('more objects than free cells')
+    return dict(objects=objects, relations=relations, bg_color=bg_color, bg_texture=bg_texture)
+
+
+def _reads_as(pred, i, cell, spec):
+    """Whether cell `cell` of image i reads as the caption's object `spec` (and is its named cell, if any)."""
+    return (spec['cell'] in (None, cell) and pred['shape'][i, cell] == 1 + SHAPES.index(spec['shape'])
+            and pred['color'][i, cell] == COLOR_NAMES.index(spec['color'])
+            and pred['size'][i, cell] == SIZES.index(spec['size']))
+
+
+def plan_prompt_metrics(pred, prompts):
+    """The plan world's measures of read images against their prompts (captions of either world):
+    count_acc: as many objects as the caption has (a counted group and a relation included);
+    objects_acc: every object of the caption is there and nothing else, i.e. a one-to-one matching of the caption's
+      objects onto the occupied cells, each cell showing its object's shape, colour and size (in its cell if named);
+    named_cell_acc: over objects whose cell the caption names, that cell shows the object;
+    relation_acc: over captions with a relation, two occupied cells show its two objects and satisfy it;
+    bg_color_acc / bg_texture_acc: as in prompt_metrics;
+    prompt_acc: one matching that satisfies every object and every relation, and the named background."""
+    parsed = [parse_plan_caption(p) for p in prompts]
+    bg = background_cells(pred['shape'])
+    out = {k: [] for k in ('prompt_acc', 'count_acc', 'objects_acc', 'named_cell_acc', 'relation_acc')}
+    bgc, bgt = [], []
+    for i, p in enumerate(parsed):
+        specs, occupied = p['objects'], np.flatnonzero(pred['shape'][i] > 0).tolist()
+        candidates = itertools.permutations(occupied) if len(occupied) == len(specs) else ()  # <= 3! orderings
+        matchings = [m for m in candidates if all(_reads_as(pred, i, c, s) for s, c in zip(specs, m))]
+        out['count_acc'].append(len(occupied) == len(specs))
+        out['objects_acc'].append(bool(matchings))
+        out['named_cell_acc'] += [_reads_as(pred, i, s['cell'], s) for s in specs if s['cell'] is not None]
+        out['relation_acc'] += [any(_reads_as(pred, i, ca, specs[a]) and _reads_as(pred, i, cb, specs[b]) and
+                                    relation_holds(rel, ca, cb) for ca, cb in itertools.permutations(occupied, 2))
+                                for a, b, rel in p['relations']]
+        planned = any(all(relation_holds(rel, m[a], m[b]) for a, b, rel in p['relations']) for m in matchings)
+        out['prompt_acc'].append(_check_background(pred, i, p, bg[i], bgc, bgt) and planned)
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else float('nan')  # noqa: E731
+    return {k: mean(v) for k, v in out.items()} | dict(
+        bg_color_acc=mean(bgc), bg_texture_acc=mean(bgt), n_images=float(len(parsed)),
+        n_named_cells=float(len(out['named_cell_acc'])), n_relations=float(len(out['relation_acc'])),
+        n_bg_color_named=float(len(bgc)), n_bg_texture_named=float(len(bgt)))
+
+
+def caption_world(prompts):
+    """'default' when every prompt is a default-world caption, else 'plan' (whose grammar contains the default's)."""
+    try:
+        for p in prompts:
+            parse_caption(p)
+        return 'default'
+    except ValueError:
+        return 'plan'
+
+
 _REAL_CACHE = {}
 
 
-def real_val_images(image_size=32, n=1000):
-    """The first n images of the default val split (seed 1338), rendered here so no prepared files are needed."""
-    if (image_size, n) not in _REAL_CACHE:
-        _REAL_CACHE[(image_size, n)] = world.make_split(n, VAL_SEED, image_size)[1]
-    return _REAL_CACHE[(image_size, n)]
+def real_val_images(image_size=32, n=1000, world_name='default'):
+    """The first n images of a world's default val split (seed 1338), rendered here so no prepared files are
+    needed."""
+    key = (image_size, n, world_name)
+    if key not in _REAL_CACHE:
+        _REAL_CACHE[key] = world.make_split(n, VAL_SEED, image_size, world=world_name)[1]
+    return _REAL_CACHE[key]
 
 
-def evaluate_samples(images_uint8, prompts, evaluator=None, real_images=None, inception=None, progress=False):
+def evaluate_samples(images_uint8, prompts, evaluator=None, real_images=None, inception=None, progress=False,
+                     world_name=None):
     """All metrics of generated images uint8 (N, H, W, 3) given their prompts: a flat dict of floats (nan where a
     metric has no images, e.g. coherence when every prompt names the background). real_images: the Frechet
-    reference (default: 1000 real val images); inception: a weights path or a loaded fid.py Inception model."""
+    reference (default: 1000 real val images of the world); inception: a weights path or a loaded fid.py Inception
+    model; world_name: 'default' (prompt_metrics) or 'plan' (plan_prompt_metrics); None = caption_world(prompts)."""
     import fid
     images = np.asarray(images_uint8)
     if len(images) != len(prompts):
@@ -409,9 +528,11 @@ def evaluate_samples(images_uint8, prompts, evaluator=None, real_images=None, in
     if len(images) < 2:
         raise ValueError('need at least 2 images (the Frechet distance needs a covariance)')
     evaluator = evaluator or get_evaluator(EvalConfig(image_size=images.shape[1]))
-    real = real_val_images(images.shape[1]) if real_images is None else np.asarray(real_images)
+    world_name = world_name or caption_world(prompts)
+    real = real_val_images(images.shape[1], world_name=world_name) if real_images is None else np.asarray(real_images)
     pred = read_images(evaluator, images, progress=progress)
-    metrics = prompt_metrics(pred, prompts) | coherence_metrics(pred, prompts)
+    scores = prompt_metrics if world_name == 'default' else plan_prompt_metrics
+    metrics = scores(pred, prompts) | coherence_metrics(pred, prompts)
     real_feats = read_images(evaluator, real)['features']
     metrics['frechet_evaluator'] = fid.frechet_distance(*fid.compute_statistics(pred['features']),
                                                         *fid.compute_statistics(real_feats))
@@ -473,8 +594,8 @@ def reconstruct(images_uint8, vqgan_path, batch_size=250):
     return np.concatenate(out)
 
 
-def print_table(metrics, title):
-    chance = chance_levels()
+def print_table(metrics, title, world_name='default'):
+    chance = chance_levels() if world_name == 'default' else {}
     print(f'\n{title}')
     print(f'{"metric":<22}{"value":>10}{"chance":>10}')
     for k, v in metrics.items():
@@ -498,16 +619,18 @@ def main(argv):
     if not (cfg.real or cfg.samples_dir):
         return None
     if cfg.real:  # val images vs their own captions; the Frechet reference is then train-split images (a floor)
-        _, images, prompts = world.make_split(cfg.n_real, VAL_SEED, cfg.image_size)
-        real, title = world.make_split(cfg.n_real, VAL_SEED - 1, cfg.image_size)[1], 'real val images'
+        name = cfg.world or 'default'
+        _, images, prompts = world.make_split(cfg.n_real, VAL_SEED, cfg.image_size, world=name)
+        real, title = world.make_split(cfg.n_real, VAL_SEED - 1, cfg.image_size, world=name)[1], 'real val images'
         if cfg.vqgan:
             images, title = reconstruct(images, cfg.vqgan), f'reconstructions of val images by {cfg.vqgan}'
     else:
-        real, title = real_val_images(cfg.image_size, cfg.n_real), cfg.samples_dir
+        name = cfg.world or caption_world(prompts)
+        real, title = real_val_images(cfg.image_size, cfg.n_real, name), cfg.samples_dir
     if not cfg.inception:
         print('no --inception=PATH: skipping the Inception FID')
-    metrics = evaluate_samples(images, prompts, evaluator, real, cfg.inception or None, progress=True)
-    print_table(metrics, f'{title}: {len(images)} images')
+    metrics = evaluate_samples(images, prompts, evaluator, real, cfg.inception or None, progress=True, world_name=name)
+    print_table(metrics, f'{title} ({name} world): {len(images)} images', name)
     if cfg.json_out:
         from utils import atomic_write_bytes
         atomic_write_bytes(json.dumps(metrics, indent=1).encode(), cfg.json_out)

@@ -3,6 +3,7 @@ Render the `shapes` dataset (see data/shapes/README.md for the world's rules).
 
     python data/shapes/prepare.py                      # 20,000 train + 1,000 val images at 32x32, a few seconds
     python data/shapes/prepare.py --image_size=64 --out_dir=data/shapes64
+    python data/shapes/prepare.py --world=plan --out_dir=data/shapes_plan   # the plan world (plan_world.py)
 
 Writes into out_dir:
     {split}_images.npy    uint8 (N, H, W, 3)       what the tokenizer, teacher and evaluator read
@@ -35,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import configure  # noqa: E402
-from utils import save_image_grid, atomic_write_bytes, file_sha256, pick_device  # noqa: E402
-from data.shapes.world import make_split  # noqa: E402
+from utils import save_image_grid, atomic_write_bytes, pick_device  # noqa: E402
+from data.shapes.world import make_split, WORLDS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,21 +49,26 @@ class RenderConfig:
     n_train: int = 20_000
     n_val: int = 1_000
     seed: int = 1337           # train uses seed, val uses seed + 1: disjoint, reproducible streams
+    world: str = 'default'     # 'default' (world.py) or 'plan' (plan_world.py: captions that leave the layout open)
 
 
 def render_dataset(cfg: RenderConfig, progress=True):
     """Render both splits into cfg.out_dir. Skips the work when the same settings were already rendered."""
     if cfg.image_size < 24:
         raise ValueError(f'image_size={cfg.image_size} is too small to draw shapes; use 32 or 64')
+    if cfg.world not in WORLDS:
+        raise ValueError(f'--world={cfg.world!r}: choose one of {", ".join(WORLDS)}')
     os.makedirs(cfg.out_dir, exist_ok=True)
     stamp_path = os.path.join(cfg.out_dir, 'render.json')
     stamp = asdict(cfg) | {'out_dir': None}
+    if cfg.world == 'default':  # recorded only when not the default, so folders rendered before the option stay valid
+        del stamp['world']
     if os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp:
         print(f'shapes already rendered in {cfg.out_dir} with these settings; skipping')
         return
     t0 = time.time()
     for split, n, seed in (('train', cfg.n_train, cfg.seed), ('val', cfg.n_val, cfg.seed + 1)):
-        scenes, images, captions = make_split(n, seed, cfg.image_size, progress=progress)
+        scenes, images, captions = make_split(n, seed, cfg.image_size, progress=progress, world=cfg.world)
         np.save(os.path.join(cfg.out_dir, f'{split}_images.npy.tmp.npy'), images)
         os.replace(os.path.join(cfg.out_dir, f'{split}_images.npy.tmp.npy'), os.path.join(cfg.out_dir, f'{split}_images.npy'))
         atomic_write_bytes(('\n'.join(captions) + '\n').encode(), os.path.join(cfg.out_dir, f'{split}_captions.txt'))
@@ -104,7 +110,8 @@ SHAPES_TEXT_LEN = 28  # the longest shapes caption is 24 BPE tokens with SOT and
 class PrepareConfig(RenderConfig):
     stage: str = 'render'                             # 'render' | 'encode' | 'all' (render, then encode)
     vqgan: str = 'out/vqgan_shapes/ckpt.pt'           # image tokenizer (python vqgan.py --dataset=shapes)
-    teacher: str = 'out/teacher_shapes/teacher.pt'    # frozen ARRA teacher (python teacher.py --dataset=shapes)
+    teacher_kind: str = 'clip'                        # 'clip', 'clip_strong' or 'scene' (data/shapes/teachers.py)
+    teacher: str = ''                                 # CLIP checkpoint; '' = the kind's (out/teacher_shapes/teacher.pt)
     text_len: int = SHAPES_TEXT_LEN                   # L: text block length of the GPT
     text_tokenizer: str = 'open_clip'                 # 'open_clip', or an LLM folder / tokenizer.json / hub id
     batch_size: int = 256                             # images per tokenizer / teacher forward pass
@@ -123,10 +130,14 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     Returns the meta dict."""
     from data.common import tokenize_captions, open_for_write, write_meta, read_meta, array_path, load_text_tokenizer
     from vqgan import load_vqgan, encode_images, vqgan_identity
-    from teacher import Teacher, embed_dataset
+    from data.shapes import teachers
+    from data.shapes.caption_r2 import caption_r2
 
     _require_file(cfg.vqgan, 'vqgan checkpoint', 'python vqgan.py --dataset=shapes')
-    _require_file(cfg.teacher, 'teacher checkpoint', 'python teacher.py --dataset=shapes')
+    teacher_path = teachers.teacher_checkpoint(cfg.teacher_kind, cfg.teacher)
+    if teacher_path:
+        _require_file(teacher_path, 'teacher checkpoint', 'python teacher.py --dataset=shapes' +
+                      (' --preset=strong' if cfg.teacher_kind == 'clip_strong' else ''))
     render_path = os.path.join(cfg.out_dir, 'render.json')
     if not os.path.exists(render_path):
         raise FileNotFoundError(f'{render_path} not found: render the images first with '
@@ -141,7 +152,9 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
 
     # The identity of what would be written; if meta.json already says exactly this, the arrays are up to date.
     vq_id = vqgan_identity(cfg.vqgan)
-    teacher_sha = file_sha256(cfg.teacher)
+    device = pick_device(cfg.device)
+    teacher = teachers.load_teacher(cfg.teacher_kind, cfg.teacher, device)
+    teacher_sha = teacher.identity()['sha256']
     text_tok = load_text_tokenizer(cfg.text_tokenizer)
     wanted = dict(render=render, text_len=cfg.text_len, vqgan_sha256=vq_id['sha256'], teacher_sha256=teacher_sha,
                   text_tokenizer=text_tok.identity())
@@ -156,22 +169,20 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
             return old
         os.remove(os.path.join(cfg.out_dir, 'meta.json'))  # the arrays are about to change: never a stale meta
 
-    device = pick_device(cfg.device)
     vq = load_vqgan(cfg.vqgan)
-    teacher = Teacher.load(os.path.abspath(cfg.teacher), device=device)  # identity() records this path
     image_size = splits['train'][0].shape[1]
     if vq.image_size != image_size:
         raise ValueError(f'the tokenizer {cfg.vqgan} takes {vq.image_size}px images but {cfg.out_dir} holds '
                          f'{image_size}px ones: train a tokenizer on this data (python vqgan.py --data_dir=...)')
     print(f'encoding {cfg.out_dir}: tokenizer {cfg.vqgan} ({vq.grid[0]}x{vq.grid[1]} codes of {vq.codebook_size}), '
-          f'teacher {cfg.teacher} (D = {teacher.dim}), text_len {cfg.text_len}, on {device}')
+          f'teacher {cfg.teacher_kind} {teacher_path or ""} (D = {teacher.dim}), text_len {cfg.text_len}, on {device}')
     t0 = time.time()
+    feats = {}
     for split, (images, captions) in splits.items():
-        n = len(images)
         codes = encode_images(vq, images, cfg.batch_size, device, progress)           # (N, T) uint16
-        feats = embed_dataset(teacher, images, cfg.batch_size, progress)              # (N, D) float16
+        feats[split] = teachers.embed_split(teacher, cfg.out_dir, split, images, cfg.batch_size, progress)  # (N, D)
         text = tokenize_captions(captions, cfg.text_len, tokenizer=text_tok)          # (N, L) uint16
-        for name, array in (('codes', codes), ('text', text), ('teacher', feats)):
+        for name, array in (('codes', codes), ('text', text), ('teacher', feats[split])):
             out = open_for_write(cfg.out_dir, split, name, array.shape, array.dtype)
             out[:] = array
             out.flush()
@@ -183,7 +194,8 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
         image_size=image_size, grid=list(vq.grid), image_tokens=vq.grid[0] * vq.grid[1],
         codebook_size=vq.codebook_size,
         text_len=cfg.text_len, **text_tok.meta(),
-        teacher=teacher.identity(), teacher_dim=teacher.dim,
+        teacher=teacher.identity(), teacher_dim=teacher.dim, teacher_kind=cfg.teacher_kind,
+        teacher_caption_r2=caption_r2(splits['train'][1], feats['train'], splits['val'][1], feats['val']),
         vqgan=vq_id,
         captions={split: f'{split}_captions.txt' for split in splits},
         render=render,

@@ -28,16 +28,26 @@ STRIPE_LIFT = 50          # striped backgrounds alternate the base colour and th
 STRIPE_PERIOD = 1 / 4     # stripe period as a fraction of the image height (4 light + 4 dark bands)
 SUPERSAMPLE = 4           # draw at 4x then box-filter down: clean antialiased edges at 32 px
 P_NAME_BG = 0.5           # probability that the caption names the background colour (and, independently, texture)
+WORLDS = ('default', 'plan')  # 'plan': data/shapes/plan_world.py, captions that leave part of the layout open
 
 
 def sample_scene(rng):
     """Draw one scene: a plain dict (JSON-serialisable) that fully determines the image and its caption."""
     n_objects = 1 + int(rng.integers(2))
     cells = rng.choice(9, size=n_objects, replace=False)
-    objects = [dict(shape=SHAPES[rng.integers(len(SHAPES))], color=list(COLORS)[rng.integers(len(COLORS))],
-                    size=SIZES[rng.integers(len(SIZES))], cell=int(c)) for c in cells]
-    return dict(objects=objects,  # in caption order (random, so the text does not always run in raster order)
-                bg_color=list(BG_COLORS)[rng.integers(len(BG_COLORS))],
+    # objects in caption order (random, so the text does not always run in raster order)
+    return dict(objects=draw_objects(rng, cells), **draw_background(rng))
+
+
+def draw_objects(rng, cells):
+    """One object of uniformly drawn shape, colour and size in each of the given cells."""
+    return [dict(shape=SHAPES[rng.integers(len(SHAPES))], color=list(COLORS)[rng.integers(len(COLORS))],
+                 size=SIZES[rng.integers(len(SIZES))], cell=int(c)) for c in cells]
+
+
+def draw_background(rng):
+    """The background colour and texture, and whether the caption names each."""
+    return dict(bg_color=list(BG_COLORS)[rng.integers(len(BG_COLORS))],
                 bg_texture=BG_TEXTURES[rng.integers(len(BG_TEXTURES))],
                 name_bg_color=bool(rng.random() < P_NAME_BG),
                 name_bg_texture=bool(rng.random() < P_NAME_BG))
@@ -46,13 +56,17 @@ def sample_scene(rng):
 def caption(scene):
     """The scene's caption in plain English, e.g. 'a large red circle in the top left and a small blue square in
     the center on a striped gray background'."""
+    if scene.get('world', 'default') != 'default':
+        return _variant(scene['world']).caption(scene)
     parts = [f"a {o['size']} {o['color']} {o['shape']} in the {CELL_NAMES[o['cell']]}" for o in scene['objects']]
-    text = ' and '.join(parts)
+    return ' and '.join(parts) + background_phrase(scene)
+
+
+def background_phrase(scene):
+    """' on a striped gray background', ' on a plain background', ... or '' when the caption names neither."""
     bg = [w for w, named in ((scene['bg_texture'], scene['name_bg_texture']),
                              (scene['bg_color'], scene['name_bg_color'])) if named]
-    if bg:
-        text += f" on a {' '.join(bg)} background"
-    return text
+    return f" on a {' '.join(bg)} background" if bg else ''
 
 
 def cell_box(cell, image_size):
@@ -114,10 +128,20 @@ def render(scene, image_size=32):
     return np.asarray(bg.resize((image_size, image_size), Image.BOX))
 
 
-def make_split(n, seed, image_size=32, progress=False):
-    """n scenes, their images (n, H, W, 3) uint8 and captions, all determined by `seed`."""
+def _variant(name):
+    """The module of a world variant (imported here, not at the top: it builds on this module)."""
+    if name == 'plan':
+        from data.shapes import plan_world
+        return plan_world
+    raise ValueError(f'unknown shapes world {name!r}; choose one of {WORLDS}')
+
+
+def make_split(n, seed, image_size=32, progress=False, world='default'):
+    """n scenes of `world` ('default' or 'plan'), their images (n, H, W, 3) uint8 and captions, all determined by
+    `seed`."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
+    sample = sample_scene if world == 'default' else _variant(world).sample_scene
+    scenes = [sample(rng) for _ in range(n)]
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     it = range(n)
     if progress:

@@ -1,0 +1,162 @@
+"""Tests of scripts/experiment.py without training anything: cells and plans, the CPU estimate, and the report built
+from a results file of made-up runs (tables, paired statistics checked against scipy, the curve figure)."""
+import os
+import sys
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+import experiment as ex  # noqa: E402
+
+SEEDS = (0, 1, 2)
+STEPS = (250, 1000)
+
+
+def fake_row(cell, seed, step, rng, shift=0.0):
+    """One results.jsonl line of a made-up run: metrics drawn around a value the cell's shift moves."""
+    c = ex.Cell.parse(cell)
+    row = dict(run=f'{c.name}_s{seed}', cell=str(c), world=c.world, teacher=c.teacher, seed=seed, step=step,
+               val_ce=2.0 - step / 1000 + 0.1 * shift + 0.01 * rng.standard_normal(),
+               prompt_acc=0.1 + step / 10000 + shift * 0.02 + 0.01 * rng.standard_normal(),
+               frechet_evaluator=900 - 100 * shift + 10 * rng.standard_normal(),
+               coherence_bg_color=0.95 + 0.01 * rng.standard_normal(), n_prompts=1000)
+    if c.world == 'plan':
+        row |= dict(count_acc=0.5 + 0.1 * shift, objects_acc=0.2, relation_acc=0.3 + 0.05 * shift)
+    return row
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A results.jsonl with a baseline and two ARRA cells over 3 seeds on the default world, a plan-world pair, and
+    one stage written twice (a re-scored stage: the last line wins)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    cells = {'default:none:0:4:1': 0.0, 'default:clip:1:4:1': -1.0, 'default:scene:0.3:4:1': 1.5,
+             'default:clip_shuffled:1:4:1': -0.5, 'plan:none:0:4:1': 0.0, 'plan:scene:1:4:1': 1.0}
+    for cell, shift in cells.items():
+        for seed in SEEDS:
+            for step in STEPS:
+                rows.append(fake_row(cell, seed, step, rng, shift))
+    stale = dict(rows[0], prompt_acc=-5.0)       # an earlier scoring of the same stage, later replaced
+    rows.insert(0, stale)
+    with open(tmp_path / 'results.jsonl', 'w') as f:
+        f.write(''.join(json.dumps(r) + '\n' for r in rows))
+    return tmp_path, rows[1:]
+
+
+def test_cell_parse_round_trip_and_errors():
+    """A cell prints as it parses; the baseline is one cell per world and depth; malformed cells name the fix."""
+    for text in ('default:clip:1:4:1', 'plan:scene_shuffled:0.3:8:3', 'default:clip_strong:0.1:4:1'):
+        assert str(ex.Cell.parse(text)) == text
+    assert ex.Cell.parse('plan:scene:1:8:3').baseline == ex.Cell.parse('plan:none:0:8:1')
+    assert ex.Cell.parse('default:clip_shuffled:1:4:1').kind == 'clip'
+    assert ex.Cell.parse('default:none:0:4:1').kind == 'clip'  # the baseline reads the clip dir (teacher unused)
+    for bad in ('default:clip:1:4', 'moon:clip:1:4:1', 'default:dino:1:4:1', 'default:none:1:4:1',
+                'default:clip:0:4:1', 'default:clip:1:4:5', 'default:none_shuffled:0:4:1', 'default:clip:x:4:1'):
+        with pytest.raises(ValueError, match='cell'):
+            ex.Cell.parse(bad)
+
+
+def test_screen_plan_has_every_arm_and_a_baseline_for_each_depth():
+    cfg = ex.ExperimentConfig()
+    runs = ex.planned_runs(cfg)
+    cells = [c for c, _, _ in runs]
+    assert len(cells) == len(set(cells)) == 21 and {s for _, s, _ in runs} == {0} and {n for _, _, n in runs} == {1000}
+    for w in ('default', 'plan'):
+        assert ex.Cell.parse(f'{w}:clip:1:4:1') in cells and ex.Cell.parse(f'{w}:clip_shuffled:1:4:1') in cells
+        assert {c.align_weight for c in cells if c.world == w and c.teacher == 'scene'} == {0.1, 0.3, 1.0}
+    assert all(c.baseline in cells for c in cells)
+    assert ex.Cell.parse('default:clip:1:8:3') in cells
+    one = ex.planned_runs(ex.ExperimentConfig(worlds='plan', cells='plan:scene:1:4:1', seeds=5, steps=3000))
+    assert one == [(ex.Cell.parse('plan:scene:1:4:1'), s, 3000) for s in range(5)]
+
+
+def test_confirm_plan_takes_the_best_screened_cell(results):
+    """'auto' picks, per world, the cell with the largest paired prompt-accuracy gain (the shuffled control and the
+    baselines excluded); confirm runs it, its baseline and the paper's defaults with 3 seeds, controls with one."""
+    out, rows = results
+    assert ex.best_cell(rows, 'default') == ex.Cell.parse('default:scene:0.3:4:1')
+    cfg = ex.ExperimentConfig(out_dir=str(out), plan='confirm')
+    runs = ex.planned_runs(cfg)
+    three = {c for c, s, _ in runs if s == 2}
+    assert {ex.Cell.parse(c) for c in ('default:none:0:4:1', 'default:clip:1:4:1', 'default:scene:0.3:4:1',
+                                       'plan:none:0:4:1', 'plan:clip:1:4:1', 'plan:scene:1:4:1')} == three
+    controls = {c for c, s, _ in runs if c not in three}
+    assert controls == {ex.Cell.parse('default:clip_shuffled:1:4:1'), ex.Cell.parse('default:scene:1:4:1'),
+                        ex.Cell.parse('plan:clip_shuffled:1:4:1')}
+    assert all(s == 0 for c, s, _ in runs if c in controls) and {n for _, _, n in runs} == {3000}
+    with pytest.raises(ValueError, match='run the screen first'):
+        ex.best_cell(rows, 'plan', full_score_steps=(5000,))
+
+
+def test_paired_test_matches_scipy():
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5, 8):
+        x, y = rng.standard_normal(n), rng.standard_normal(n)
+        diff, t, p = ex.paired_test(x, y)
+        ref = stats.ttest_rel(x, y)
+        assert diff == pytest.approx(np.mean(x - y)) and t == pytest.approx(ref.statistic)
+        assert p == pytest.approx(ref.pvalue)
+    assert np.isnan(ex.paired_test([1.0], [0.5])[2]) and ex.paired_test([1.0], [0.5])[0] == 0.5
+
+
+def test_summary_rows_and_paired_statistics(results):
+    """Each (world, full-score step) table has a row per cell with mean +/- std over its seeds, and the paired
+    difference against its baseline with scipy's ttest_rel p; the re-scored stage replaces the earlier line."""
+    out, rows = results
+    summary = ex.summarise(ex.load_results(str(out)), (1000,))
+    assert list(summary) == ['default@1000', 'plan@1000']
+    table = summary['default@1000']
+    assert list(table) == ['default:none:0:4:1', 'default:clip:1:4:1', 'default:clip_shuffled:1:4:1',
+                           'default:scene:0.3:4:1']
+    pick = lambda cell, key: [r[key] for r in rows if r['cell'] == cell and r['step'] == 1000]  # noqa: E731
+    for cell, e in table.items():
+        assert e['seeds'] == list(SEEDS)
+        for key in ('prompt_acc', 'val_ce', 'frechet_evaluator'):
+            mean, std, _ = e['metrics'][key]
+            assert mean == pytest.approx(np.mean(pick(cell, key))) and std == pytest.approx(np.std(pick(cell, key),
+                                                                                                   ddof=1))
+            if cell != 'default:none:0:4:1':
+                diff, t, p, n = e['paired'][key]
+                ref = stats.ttest_rel(pick(cell, key), pick('default:none:0:4:1', key))
+                assert n == 3 and p == pytest.approx(ref.pvalue) and t == pytest.approx(ref.statistic)
+    assert 'paired' not in table['default:none:0:4:1']
+    assert summary['plan@1000']['plan:scene:1:4:1']['metrics']['relation_acc'][0] == pytest.approx(0.35)
+
+
+def test_report_only_rebuilds_table_and_figure(results, capsys):
+    out, rows = results
+    ex.main(ex.ExperimentConfig(out_dir=str(out), report_only=True, full_score_steps=(1000,)))
+    md = (out / 'results.md').read_text()
+    assert '### default world, step 1000' in md and '### plan world, step 1000' in md
+    line = next(l for l in md.splitlines() if l.startswith('| default:scene:0.3:4:1 |'))
+    vals = [r['prompt_acc'] for r in rows if r['cell'] == 'default:scene:0.3:4:1' and r['step'] == 1000]
+    base = [r['prompt_acc'] for r in rows if r['cell'] == 'default:none:0:4:1' and r['step'] == 1000]
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    assert cells[1] == '3' and cells[2] == f'{np.mean(vals):.3f} +/- {np.std(vals, ddof=1):.3f}'
+    assert cells[3] == f'{np.mean(vals) - np.mean(base):+.3f} (p={stats.ttest_rel(vals, base).pvalue:.3f})'
+    plan_header = next(l for l in md.splitlines() if l.startswith('| cell |') and 'relation acc.' in l)
+    assert 'count acc.' in plan_header and 'objects acc.' in plan_header
+    assert (out / 'curves.png').stat().st_size > 10_000 and json.loads((out / 'results.json').read_text())['summary']
+
+
+def test_dry_run_estimates_only_the_work_left(tmp_path, capsys):
+    """A run with stages already scored costs less than one not started; the printout lists every run."""
+    cfg = ex.ExperimentConfig(out_dir=str(tmp_path), cells='default:clip:1:4:1,default:none:0:4:1', steps=1000,
+                              data_root=str(tmp_path / 'data'))
+    cell = ex.Cell.parse('default:clip:1:4:1')
+    fresh = ex.estimate_cpu_s(cfg, cell, 0, 1000)
+    os.makedirs(ex.run_dir(cfg, cell, 0))
+    with open(os.path.join(ex.run_dir(cfg, cell, 0), 'metrics.jsonl'), 'w') as f:
+        f.write(json.dumps(dict(step=250)) + '\n' + json.dumps(dict(step=500)) + '\n')
+    left = ex.estimate_cpu_s(cfg, cell, 0, 1000)
+    assert left == pytest.approx(500 * ex.SEC_PER_STEP(4) + cfg.n_prompts * ex.SEC_PER_PROMPT(4)) and left < fresh
+    ex.main(ex.ExperimentConfig(**{**cfg.__dict__, 'dry_run': True}))
+    text = capsys.readouterr().out
+    assert 'default_clip_w1_L4b1' in text and 'default_baseline_L4' in text and 'CPU-hours' in text
+    assert not os.path.exists(tmp_path / 'data')  # nothing prepared or run
+    with pytest.raises(SystemExit, match='stages'):
+        ex.main(ex.ExperimentConfig(**{**cfg.__dict__, 'dry_run': True, 'steps': 1500}))
