@@ -27,8 +27,9 @@ step() {  # step NAME COMMAND...: run once, then remember that it finished
 # shellcheck disable=SC2086  # the *_ARGS variables are word lists on purpose
 {
 python data/shapes/prepare.py --out_dir="$DATA_DIR" ${RENDER_ARGS:-}
-step tokenizer python vqgan.py --data_dir="$DATA_DIR" --out_dir="$OUT/vqgan_shapes" ${VQ_ARGS:-}
-step teacher python teacher.py --data_dir="$DATA_DIR" --out_dir="$OUT/teacher_shapes" ${TEACHER_ARGS:-}
+step tokenizer python data/shapes/train_tokenizer.py --data_dir="$DATA_DIR" --out_dir="$OUT/vqgan_shapes" ${VQ_ARGS:-}
+step teacher python data/shapes/train_teacher.py --data_dir="$DATA_DIR" --out_dir="$OUT/teacher_shapes" \
+    ${TEACHER_ARGS:-}
 python data/shapes/prepare.py --stage=encode --out_dir="$DATA_DIR" ${RENDER_ARGS:-} \
     --vqgan="$OUT/vqgan_shapes/ckpt.pt" --teacher="$OUT/teacher_shapes/teacher.pt"
 step gpt python train.py --data_dir="$DATA_DIR" --out_dir="$OUT/shapes" ${TRAIN_ARGS:-}

@@ -14,8 +14,8 @@ Writes into out_dir:
 The encode stage turns the rendered pairs into the prepared arrays of the data contract (data/common.py), once the
 shapes tokenizer and teacher exist:
 
-    python vqgan.py --dataset=shapes                   # -> out/vqgan_shapes/ckpt.pt
-    python teacher.py --dataset=shapes                 # -> out/teacher_shapes/teacher.pt
+    python data/shapes/train_tokenizer.py              # -> out/vqgan_shapes/ckpt.pt
+    python data/shapes/train_teacher.py                # -> out/teacher_shapes/teacher.pt
     python data/shapes/prepare.py --stage=encode       # (or --stage=all: render, then encode)
 
 and writes, next to the images:
@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import configure  # noqa: E402
 from utils import save_image_grid, atomic_write_bytes, file_sha256, pick_device  # noqa: E402
+from data.common import load_split  # noqa: E402
 from data.shapes.world import make_split  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,22 +78,6 @@ def render_dataset(cfg: RenderConfig, progress=True):
           f'into {cfg.out_dir} in {time.time() - t0:.1f}s; preview: {os.path.join(cfg.out_dir, "preview.png")}')
 
 
-def load_split(data_dir, split):
-    """(images uint8 (N, H, W, 3), captions list[str]) of a rendered split, with a clear error if missing."""
-    path = os.path.join(data_dir, f'{split}_images.npy')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{path} not found: render the dataset first with `python data/shapes/prepare.py`')
-    images = np.load(path, mmap_mode='r')
-    with open(os.path.join(data_dir, f'{split}_captions.txt')) as f:
-        captions = f.read().splitlines()
-    return images, captions
-
-
-def load_scenes(data_dir, split):
-    with open(os.path.join(data_dir, f'{split}_scenes.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the encode stage: rendered pairs -> the prepared arrays train.py reads
 
@@ -102,8 +87,8 @@ SHAPES_TEXT_LEN = 28  # the longest shapes caption is 24 BPE tokens with SOT and
 @dataclass
 class PrepareConfig(RenderConfig):
     stage: str = 'render'                             # 'render' | 'encode' | 'all' (render, then encode)
-    vqgan: str = 'out/vqgan_shapes/ckpt.pt'           # image tokenizer (python vqgan.py --dataset=shapes)
-    teacher: str = 'out/teacher_shapes/teacher.pt'    # frozen ARRA teacher (python teacher.py --dataset=shapes)
+    vqgan: str = 'out/vqgan_shapes/ckpt.pt'           # image tokenizer (data/shapes/train_tokenizer.py)
+    teacher: str = 'out/teacher_shapes/teacher.pt'    # frozen ARRA teacher (data/shapes/train_teacher.py)
     text_len: int = SHAPES_TEXT_LEN                   # L: text block length of the GPT
     batch_size: int = 256                             # images per tokenizer / teacher forward pass
     device: str = 'auto'                              # 'auto' = cuda when available
@@ -124,8 +109,8 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     from vqgan import load_vqgan, encode_images, vqgan_identity
     from teacher import Teacher, embed_dataset
 
-    _require_file(cfg.vqgan, 'vqgan checkpoint', 'python vqgan.py --dataset=shapes')
-    _require_file(cfg.teacher, 'teacher checkpoint', 'python teacher.py --dataset=shapes')
+    _require_file(cfg.vqgan, 'vqgan checkpoint', 'python data/shapes/train_tokenizer.py')
+    _require_file(cfg.teacher, 'teacher checkpoint', 'python data/shapes/train_teacher.py')
     render_path = os.path.join(cfg.out_dir, 'render.json')
     if not os.path.exists(render_path):
         raise FileNotFoundError(f'{render_path} not found: render the images first with '
@@ -159,7 +144,8 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     image_size = splits['train'][0].shape[1]
     if vq.image_size != image_size:
         raise ValueError(f'the tokenizer {cfg.vqgan} takes {vq.image_size}px images but {cfg.out_dir} holds '
-                         f'{image_size}px ones: train a tokenizer on this data (python vqgan.py --data_dir=...)')
+                         f'{image_size}px ones: train a tokenizer on this data '
+                         f'(python data/shapes/train_tokenizer.py --data_dir={cfg.out_dir})')
     print(f'encoding {cfg.out_dir}: tokenizer {cfg.vqgan} ({vq.grid[0]}x{vq.grid[1]} codes of {vq.codebook_size}), '
           f'teacher {cfg.teacher} (D = {teacher.dim}), text_len {cfg.text_len}, on {device}')
     t0 = time.time()
