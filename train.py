@@ -250,12 +250,17 @@ def describe_run(cfg, data_dir, meta, splits, model, world, device, use_bf16, pe
 
 
 class RunLog:
-    """The run's files in out_dir: config.json, and log.jsonl with one JSON line per train / eval entry (rank 0).
-    Every rank keeps the entries in .history. Made only once all input is checked, so bad input leaves no
-    half-made out_dir behind."""
+    """The run's log: config.json and log.jsonl (one JSON line per train / eval entry) in out_dir, written by rank 0
+    and made only once all input is checked (bad input leaves no half-made out_dir); .history on every rank; and the
+    train losses of the steps since the last log (summed over ranks at the log) with the time they took."""
 
-    def __init__(self, cfg, out_dir, data_dir, world, master, resumed_at=None):
-        self.path, self.master, self.history = os.path.join(out_dir, 'log.jsonl'), master, []
+    def __init__(self, cfg, out_dir, data_dir, world, master, resumed_at, model, peak_flops):
+        """resumed_at: the checkpoint's iter_num when resuming (log lines after it are dropped), else None."""
+        self.path, self.master, self.history, self.world = os.path.join(out_dir, 'log.jsonl'), master, [], world
+        self.window = torch.zeros(3, device=next(model.parameters()).device, dtype=torch.float64)  # CE, align, steps
+        seq_len = model.config.text_len + model.config.image_tokens
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * seq_len  # every position, summed over ranks
+        self.mfu_of = lambda dt: model.estimate_mfu(cfg.batch_size * cfg.grad_accum, dt, peak_flops)
         if not master:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -282,25 +287,14 @@ class RunLog:
                 f.write(json.dumps(entry) + '\n')
         self.print(msg)
 
-
-class Meter:
-    """Train losses of the steps since the last log (summed over ranks at the log), the time they took, and what
-    that makes in tokens/s and MFU."""
-
-    def __init__(self, cfg, model, world, device, peak_flops):
-        c, self.world, self.t0 = model.config, world, time.time()
-        self.window = torch.zeros(3, device=device, dtype=torch.float64)  # sum of step CE, sum of step align, steps
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * (c.text_len + c.image_tokens)
-        self.mfu_of = lambda dt: model.estimate_mfu(cfg.batch_size * cfg.grad_accum, dt, peak_flops)
-
-    def add(self, step_losses):
+    def add_step(self, step_losses):
         self.window += torch.cat([step_losses, step_losses.new_ones(1)])
 
     def restart_clock(self):
         self.t0 = time.time()
 
-    def entry(self, it, lr):
-        """-> (log entry, printed line) of the steps since the last call; starts a new window."""
+    def record_train(self, it, lr):
+        """Log the steps since the last call: mean losses, time per step, tokens/s, MFU; start a new window."""
         if self.world > 1:
             dist.all_reduce(self.window)
             self.window /= self.world
@@ -308,10 +302,10 @@ class Meter:
         dt = (time.time() - self.t0) / n
         e = dict(kind='train', iter=it, train_ce=ce / n, train_align=align / n, lr=lr, dt_ms=1000 * dt,
                  tokens_per_s=self.tokens_per_step / dt, mfu=self.mfu_of(dt))
+        self.record(e, f'iter {it}: train CE {e["train_ce"]:.4f}, align {e["train_align"]:.4f}, lr {lr:.2e}, '
+                       f'{e["dt_ms"]:.0f} ms/step, {e["tokens_per_s"]:,.0f} tokens/s, MFU {100 * e["mfu"]:.1f}%')
         self.window.zero_()
         self.restart_clock()
-        return e, (f'iter {it}: train CE {e["train_ce"]:.4f}, align {e["train_align"]:.4f}, lr {lr:.2e}, '
-                   f'{e["dt_ms"]:.0f} ms/step, {e["tokens_per_s"]:,.0f} tokens/s, MFU {100 * e["mfu"]:.1f}%')
 
 
 def non_finite_error(it, step_losses, grad_norm, out_dir):
@@ -349,6 +343,7 @@ class Evaluator:
 
     @torch.no_grad()
     def losses(self, model):
+        model = getattr(model, 'module', model)  # DDP's own model: no gradient hooks are needed under no_grad
         model.eval()
         sums = torch.zeros(3, device=self.batches.device, dtype=torch.float64)  # ce * rows, align * rows, rows
         bs = self.cfg.batch_size
@@ -387,18 +382,18 @@ def train(cfg, resume_ckpt=None):
             resume_optimizer_and_rng(optimizer, resume_ckpt, device_type)
         model = torch.compile(raw_model) if cfg.compile else raw_model
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None) if ddp else model
-        eval_model = model.module if ddp else model  # no DDP hooks needed under no_grad
         uncond = raw_model.uncond_text(1)[0]  # the empty caption, swapped in for prompt dropout
         train_batches, val_batches = (Batches(s, device, uncond, cfg.shuffle_teacher) for s in (train_split, val_split))
         peak_flops = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
         # the run's files and eval
-        runlog = RunLog(cfg, out_dir, data_dir, world, master, None if resume_ckpt is None else iter_num)
+        runlog = RunLog(cfg, out_dir, data_dir, world, master, resume_ckpt and iter_num, raw_model, peak_flops)
         runlog.print(describe_run(cfg, data_dir, meta, (train_split, val_split), raw_model, world, device, use_bf16,
                                   peak_flops))
         evaluator = Evaluator(cfg, val_batches, meta, data_dir, ctx, rank, world, runlog)
         if iter_num == 0 and cfg.max_iters > 0:
-            best_val_loss = evaluator.run(eval_model, raw_model, 0, out_dir)  # the starting point of the curves
-        meter, global_batch = Meter(cfg, raw_model, world, device, peak_flops), cfg.batch_size * cfg.grad_accum * world
+            best_val_loss = evaluator.run(model, raw_model, 0, out_dir)  # the starting point of the curves
+        global_batch = cfg.batch_size * cfg.grad_accum * world
+        runlog.restart_clock()
         bar = tqdm(total=cfg.max_iters, initial=iter_num, desc='train', disable=not master, dynamic_ncols=True)
         while iter_num < cfg.max_iters:
             # learning rate, random numbers and rows of this step: functions of (seed, iter_num), so resume is exact
@@ -431,20 +426,20 @@ def train(cfg, resume_ckpt=None):
             # step
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            meter.add(step_losses)
+            runlog.add_step(step_losses)
             iter_num += 1
             bar.update(1)
             # log
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                runlog.record(*meter.entry(iter_num, lr))
+                runlog.record_train(iter_num, lr)
             # eval and checkpoint
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                val_ce = evaluator.run(eval_model, raw_model, iter_num, out_dir)
+                val_ce = evaluator.run(model, raw_model, iter_num, out_dir)
                 improved, best_val_loss = val_ce < best_val_loss, min(best_val_loss, val_ce)
                 if master and (cfg.always_save_checkpoint or improved):
                     save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best_val_loss, meta)
                     runlog.print(f'saved {out_dir}/ckpt.pt at iter {iter_num}')
-                meter.restart_clock()  # eval time is not step time
+                runlog.restart_clock()  # eval and checkpoint time are not step time
         bar.close()
         return runlog.history
 
