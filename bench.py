@@ -106,8 +106,9 @@ def bench_generation(cfg, device, sync):
 
 
 def bench_encoding(cfg, device, sync):
-    from vqgan import VQModel, VQConfig, TrainConfig
-    t = TrainConfig()  # the shapes tokenizer's architecture (random weights: speed does not depend on them)
+    from vqgan import VQModel, VQConfig
+    from data.shapes.train_tokenizer import VQTrainConfig
+    t = VQTrainConfig()  # the shapes tokenizer's architecture (random weights: speed does not depend on them)
     vq = VQModel(VQConfig(image_size=32, codebook_size=t.codebook_size, codebook_embed_dim=t.codebook_embed_dim,
                           ch=t.ch, ch_mult=t.ch_mult, num_res_blocks=t.num_res_blocks, z_channels=t.z_channels,
                           norm_groups=t.norm_groups)).to(device).eval()

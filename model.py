@@ -1,29 +1,16 @@
 """
-The text-to-image GPT: a decoder-only transformer that reads a prompt and writes VQGAN image codes, plus the small
-pieces ARRA adds for training (a projector and the alignment loss).
+The text-to-image GPT: a decoder-only transformer that reads a prompt and writes VQGAN image codes, plus the two
+pieces ARRA adds for training (section "ARRA" below: a projector and the alignment loss; `grep -n ARRA` finds them).
 
-- Sequence (DESIGN.md, "Sequence layout"): [pad .. pad SOT t_1 .. t_k EOT] [BOI] [c_0 .. c_{T-2}], L + T positions.
-  The last T positions (BOI, c_0 .. c_{T-2}) predict c_0 .. c_{T-1}. Text tokens, the BOI vector and image codes have
-  separate embeddings; the output head covers image codes only (text is never generated).
-- Blocks are LlamaGen's (Llama-style): pre-norm RMSNorm computed in fp32, attention with one fused qkv matmul and no
-  biases, SwiGLU feed-forward, rotary position embedding on q and k, F.scaled_dot_product_attention.
-- Positions: one 1-D rotary embedding over the whole sequence (every token rotated; LlamaGen gives its condition
-  tokens an all-zero rotation, which multiplies their q and k by zero, FoundationVision/LlamaGen#54), plus, for the
-  image, a learned row vector and a learned column vector added to each image input: slot k (BOI for k = 0, code
-  k-1 otherwise) predicts code k, so it gets row[k // w] + col[k % w] and knows where that code goes in the grid.
-  The rotary alone only tells an image token its distance from BOI, which a small model turns into (row, column)
-  badly (README, "Image positions"). Text inputs get no learned position, so left padding still changes nothing.
-- Padding: text is left-padded. Pad keys are masked out of attention, a pad query sees only itself (so no attention
-  row is empty), and because rotary attention depends only on relative positions, shifting the prompt by more or
-  fewer pads leaves every output unchanged.
-- ARRA (arXiv 2503.07334): the hidden state after block `align_layer` at the T image prediction positions (each one a
-  "<HYBNEXT>", nothing is inserted in the sequence) goes through `Projector` and is pulled towards the frozen
-  teacher's global embedding of the target image by `alignment_loss` = 1 - cos. Sampling never uses the projector.
-- Sampling: classifier-free guidance with the conditional and unconditional (empty caption) rows in one batch, a
-  static per-layer KV cache (one prefill over [text, BOI], then one token per step), temperature / top-k / top-p.
+    model = GPT(preset_config('B', codebook_size=16384, image_tokens=256, teacher_dim=512))
+    out = model(text, codes, teacher)            # out.loss (CE), out.align_loss (ARRA), out.logits
+    codes = model.generate(text, cfg_scale=2.0)  # (B, T) image codes: KV cache, classifier-free guidance
 
-References: nanoGPT's model.py (structure, init, optimizer groups, MFU) and LlamaGen's autoregressive/models/gpt.py
-(blocks, sizes, CFG sampling). Imports only torch.
+Sequence: [pad .. pad SOT t_1 .. t_k EOT] [BOI] [c_0 .. c_{T-2}]; the last T positions predict c_0 .. c_{T-1}.
+Blocks are LlamaGen's (pre-norm RMSNorm, fused qkv, SwiGLU, rotary positions on every token; README, "Notes");
+image inputs also get a learned row + column vector for the grid cell they predict (README, "Image positions").
+References: nanoGPT's model.py (structure, init, optimizer groups, MFU), LlamaGen's autoregressive/models/gpt.py
+(blocks, sizes, CFG sampling), ARRA arXiv 2503.07334. Imports only torch.
 """
 import math
 import inspect
@@ -56,7 +43,8 @@ class GPTConfig:
     rope_base: float = 10000.0      # rotary frequency base
     rope_llama3: tuple = ()         # Llama 3's rotary rescaling (factor, low_freq_factor, high_freq_factor,
                                     # original_max_position_embeddings); () = none
-    teacher_dim: int = 0            # D of the ARRA teacher embedding; 0 = no projector (inference-only model)
+    # ARRA (section "ARRA" below): the projector and which hidden states it aligns; training only
+    teacher_dim: int = 0            # D of the teacher embedding; 0 = no projector (inference-only model)
     projector_hidden: int = 0       # hidden width of the projector MLP; 0 = teacher_dim (the paper's choice)
     align_layer: int = 1            # align the hidden state after this many blocks (1 = first block, paper default)
     align_positions: str = 'hybnext'  # 'hybnext': all T image prediction positions (BOI, c_0..c_{T-2}); 'rep': BOI only
@@ -247,6 +235,13 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# ARRA (arXiv 2503.07334): the hidden state after block `align_layer` at the aligned positions (`align_positions`:
+# every image prediction position, each a "<HYBNEXT>" (nothing is inserted in the sequence), or BOI alone) goes
+# through `Projector` and is pulled towards the frozen teacher's global embedding of the target image (width
+# `teacher_dim`) by `alignment_loss` = 1 - cos. GPT.forward returns it as out.align_loss; train.py adds
+# align_weight x it to the cross-entropy. Training only: sampling never uses the projector.
+
 class Projector(nn.Module):
     """ARRA's alignment head A: Linear(d, hidden) -> GELU -> Linear(hidden, D), applied to each position separately.
     Trained with the model, discarded after training."""
@@ -267,15 +262,17 @@ def alignment_loss(projected, target):
     embedding of each target image (one vector per image, shared by all positions). Both sides are L2-normalised
     here, in fp32. The target is detached: the teacher is frozen, gradients reach only the projector and the GPT.
     0 when every projection points along its target, 1 when orthogonal, 2 when opposite."""
-    if projected.dim() != 3 or target.dim() != 2 or projected.shape[0] != target.shape[0] \
-            or projected.shape[2] != target.shape[1]:
-        raise ValueError(f'alignment_loss expects projected (B, P, D) and target (B, D); got {tuple(projected.shape)} '
-                         f'and {tuple(target.shape)} (does teacher_dim match the prepared teacher features?)')
+    assert projected.dim() == 3 and target.dim() == 2 and projected.shape[0] == target.shape[0] \
+        and projected.shape[2] == target.shape[1], f'projected (B, P, D) vs target (B, D): {tuple(projected.shape)}, ' \
+        f'{tuple(target.shape)} (does teacher_dim match the teacher features?)'
     p = F.normalize(projected.float(), dim=-1)                 # (B, P, D)
     t = F.normalize(target.detach().float(), dim=-1)           # (B, D)
     cos = (p * t[:, None, :]).sum(-1)                          # (B, P)
     return 1.0 - cos.mean()  # P is the same for every row, so this is the mean over positions, then over the batch
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# masks and sampling
 
 def attention_mask(key_valid, start, q_len):
     """Boolean mask (B, 1, q_len, start+q_len) for queries at positions start..start+q_len-1 over keys 0..start+q_len-1
@@ -356,7 +353,7 @@ class GPT(nn.Module):
         # No weight tying: the head predicts codes only and LlamaGen keeps separate input and output code tables
         # (its published sizes count both), so the presets compare like with like.
         self.head = nn.Linear(d, config.codebook_size, bias=False)
-        self.projector = None
+        self.projector = None  # ARRA: the alignment head, training only (teacher_dim = 0: an inference model)
         if config.teacher_dim > 0:
             self.projector = Projector(d, config.projector_hidden or config.teacher_dim, config.teacher_dim)
         # image positions: a learned vector per grid row and per grid column, added to the BOI and code inputs
@@ -387,12 +384,9 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def num_params(self, body_only=False):
-        """Parameter count.
-        body_only=False: everything sampling uses: text/code embeddings, BOI, blocks, final norm, head (the
-          training-only projector is excluded; count it with model.projector.parameters()).
-        body_only=True: the blocks, the final norm, the code embedding and the code head: what LlamaGen's class-
-          conditional GPT counts minus its class embedding (our text table and BOI vector play that role), so it is
-          directly comparable with LlamaGen's published 111M / 343M / 775M / 1.4B."""
+        """Parameters sampling uses (ARRA's training-only projector is left out). body_only=True: blocks, final norm,
+        code embedding and head, what LlamaGen's c2i GPT counts minus its class embedding (our text table and BOI
+        play that role), so it compares with LlamaGen's published 111M / 343M / 775M / 1.4B."""
         if body_only:
             parts = [self.blocks, self.norm, self.code_embedding, self.head]
             return sum(p.numel() for m in parts for p in m.parameters())
@@ -405,13 +399,6 @@ class GPT(nn.Module):
         row = torch.full((c.text_len,), c.text_pad_id, dtype=torch.long, device=device)
         row[-2], row[-1] = c.text_sot_id, c.text_eot_id
         return row.expand(batch_size, -1)
-
-    def _check_text(self, text):
-        if text.dim() != 2 or text.dtype != torch.long:
-            raise ValueError(f'text must be a (B, L) long tensor of BPE ids; got {tuple(text.shape)} {text.dtype}')
-        if text.shape[1] != self.config.text_len:
-            raise ValueError(f'text has length {text.shape[1]} but the model was built with text_len='
-                             f'{self.config.text_len}; tokenize with text_len={self.config.text_len}')
 
     def _key_valid(self, text, n_image):
         """(B, L + n_image) bool: False at the text pads, True at the text tokens and the n_image image positions."""
@@ -459,25 +446,21 @@ class GPT(nn.Module):
         """text (B, L) long, left-padded BPE ids; codes (B, t) long, the image's codes (t = T in training; a
         shorter prefix also works); teacher (B, D) float or None. Inputs are [text, BOI, codes[:, :-1]], targets
         codes. Returns GPTOutput(logits (B, t, V), loss, align_hidden (B, P, d), align_loss or None)."""
-        self._check_text(text)
-        if codes.dim() != 2 or codes.dtype != torch.long or not 1 <= codes.shape[1] <= self.config.image_tokens \
-                or codes.shape[0] != text.shape[0]:
-            raise ValueError(f'codes must be (B, t) long with B = {text.shape[0]} and 1 <= t <= image_tokens='
-                             f'{self.config.image_tokens}; got {tuple(codes.shape)} {codes.dtype}')
-        L, t = text.shape[1], codes.shape[1]
+        B, L, t = text.shape[0], self.config.text_len, codes.shape[1]
+        assert text.shape == (B, L) and text.dtype == torch.long, f'text (B, {L}) long, got {tuple(text.shape)}'
+        assert codes.shape[0] == B and 1 <= t <= self.config.image_tokens, f'codes (B, t<=T), got {codes.shape}'
         x, key_valid = self._embed(text, codes[:, :-1])                    # (B, L + t, d)
         h, h_align = self._run_blocks(x, key_valid, capture_layer=self.config.align_layer)
         logits = self.head(h[:, L:])                                       # (B, t, V): image positions only
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        # ARRA: the hidden state after block align_layer at the aligned positions, pulled towards the teacher's
+        # embedding of the target image through the projector (1 - cos)
         n_align = t if self.config.align_positions == 'hybnext' else 1
         align_hidden = h_align[:, L:L + n_align]                           # (B, P, d): BOI .. c_{t-2}, or BOI
-
         align_loss = None
         if teacher is not None:
-            if self.projector is None:
-                raise ValueError('a teacher embedding was passed but the model has no projector (teacher_dim=0); '
-                                 'build it with teacher_dim = the teacher feature width')
-            align_loss = alignment_loss(self.projector(align_hidden), teacher)
+            assert self.projector is not None, 'a teacher was passed to a model without projector (teacher_dim=0)'
+            align_loss = alignment_loss(self.projector(align_hidden), teacher)  # scalar 1 - cos
         return GPTOutput(logits, loss, align_hidden, align_loss)
 
     @torch.no_grad()
@@ -488,9 +471,10 @@ class GPT(nn.Module):
         u + s * (c - u), and the token sampled from the mix is fed to both halves. cfg_scale == 1 runs the
         conditional rows alone. use_cache=True: one prefill over [text, BOI], then one token per step through the
         static KV cache; use_cache=False recomputes the whole sequence every step (slow; the reference the cache is
-        tested against). Runs in eval mode (no dropout) and restores the previous mode."""
-        self._check_text(text)
+        tested against). Runs in eval mode (no dropout) and restores the previous mode. No projector: sampling is
+        the base model's whatever ARRA did in training."""
         B, L = text.shape
+        assert L == self.config.text_len and text.dtype == torch.long, f'text (B, {self.config.text_len}) long'
         T = self.config.image_tokens
         guided = cfg_scale != 1.0
         rows = torch.cat([text, self.uncond_text(B, text.device)]) if guided else text  # (B or 2B, L)
@@ -529,12 +513,10 @@ class GPT(nn.Module):
         decay = [p for n, p in params if p.dim() >= 2]
         no_decay = [p for n, p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        print(f'optimizer: {len(decay)} decayed tensors ({sum(p.numel() for p in decay):,} parameters), '
-              f'{len(no_decay)} non-decayed tensors ({sum(p.numel() for p in no_decay):,} parameters)')
         use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        extra = dict(fused=True) if use_fused else dict()
-        print(f'optimizer: fused AdamW: {use_fused}')
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        print(f'optimizer: {len(decay)} decayed tensors ({sum(p.numel() for p in decay):,} parameters), '
+              f'{len(no_decay)} non-decayed ({sum(p.numel() for p in no_decay):,} parameters); fused: {use_fused}')
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
 
     def flops_per_sequence(self):
         """Training FLOPs (forward + backward) for one example, PaLM/nanoGPT style: 6 FLOPs per weight per token
@@ -545,7 +527,7 @@ class GPT(nn.Module):
         S, T = c.text_len + c.image_tokens, c.image_tokens
         n_blocks = sum(p.numel() for p in self.blocks.parameters())
         flops = 6 * n_blocks * S + 6 * self.head.weight.numel() * T
-        if self.projector is not None:
+        if self.projector is not None:  # ARRA's projector at the aligned positions
             P = T if c.align_positions == 'hybnext' else 1
             flops += 6 * sum(p.numel() for p in self.projector.parameters()) * P
         flops += 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * S * S

@@ -25,14 +25,7 @@ written beside it).
 - --out_dir writes one PNG per sample at the tokenizer's resolution, p{prompt:05d}_s{sample:03d}.png (ready for
   fid.py), and prompts.txt listing the prompts in order.
 
-Defaults (cfg_scale 2, temperature 0.7, no top-k / top-p) were picked on the default shapes model (python train.py,
-900 steps) with data/shapes/evaluate.py over 200 val prompts: fraction of images showing everything the prompt
-names (prompt_acc) and the evaluator's Frechet distance to real images:
-    cfg 1.0 / T 1.0: 0.04, -      cfg 1.5 / T 1.0: 0.055     cfg 3.0 / T 1.0: 0.02 (extra objects, wrong cells)
-    cfg 1.5 / T 0.7: 0.125        cfg 2.0 / T 0.7: 0.14, Frechet 929          cfg 1.5 / T 0.5: 0.155, Frechet 1059
-    cfg 2.0 / T 0.5: 0.14, 973    cfg 1.5 / T 0.7 / top_k 20: 0.125, 1115
-A lower temperature helps a small, briefly trained model the most; strong guidance adds objects. A longer-trained
-model may prefer other values: re-run that sweep.
+How the defaults were chosen: README, "Measured while choosing the defaults".
 """
 import os
 import sys
@@ -42,8 +35,15 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
 
 from configurator import configure, ConfigError
+from model import GPT, config_from_checkpoint
+from utils import REPO_ROOT, CheckpointError, load_checkpoint, pick_device, save_image_grid, to_uint8_hwc
+from vqgan import load_vqgan, vqgan_identity
+from data.common import tokenize_captions, open_clip_tokenizer
 
 CHECKPOINT_KIND = 'arra-gpt'
 GRID_MAX_ROWS, GRID_MAX_COLS = 32, 16  # the PNG grid shows at most this many prompts x samples
@@ -78,8 +78,6 @@ class SampleError(Exception):
 
 def load_gpt(path, device):
     """A train.py checkpoint -> (GPT in eval mode on device, the checkpoint dict)."""
-    from model import GPT, config_from_checkpoint
-    from utils import load_checkpoint
     ckpt = load_checkpoint(path, kind='python train.py')
     if not isinstance(ckpt, dict) or ckpt.get('kind') != CHECKPOINT_KIND or 'model_config' not in ckpt:
         kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -95,7 +93,6 @@ def load_gpt(path, device):
 def load_matching_vqgan(ckpt, override_path, device):
     """The tokenizer the GPT was trained with: the recorded file (or override_path), refused unless its sha256,
     codebook size and grid are the recorded ones and fit the GPT."""
-    from vqgan import load_vqgan, vqgan_identity
     recorded = ckpt.get('data_meta', {}).get('vqgan', {})
     path = override_path or recorded.get('path')
     if not path:
@@ -121,17 +118,16 @@ def load_matching_vqgan(ckpt, override_path, device):
     return load_vqgan(path).to(device)
 
 
-def read_prompts(cfg, ckpt):
+def read_prompts(settings, ckpt):
     """The prompts: --prompt ones, then --prompts_file lines; with neither, the first 8 captions of the val split."""
-    prompts = list(cfg.prompt)
-    if cfg.prompts_file:
-        if not os.path.isfile(cfg.prompts_file):
-            raise SampleError(f'--prompts_file={cfg.prompts_file} not found')
-        with open(cfg.prompts_file) as f:
+    prompts = list(settings.prompt)
+    if settings.prompts_file:
+        if not os.path.isfile(settings.prompts_file):
+            raise SampleError(f'--prompts_file={settings.prompts_file} not found')
+        with open(settings.prompts_file) as f:
             prompts += f.read().splitlines()
     if prompts:
         return prompts
-    from utils import REPO_ROOT
     train_cfg, meta = ckpt.get('config', {}), ckpt.get('data_meta', {})
     data_dir = train_cfg.get('data_dir') or os.path.join(REPO_ROOT, 'data', train_cfg.get('dataset', ''))
     path = os.path.join(data_dir, meta.get('captions', {}).get('val', 'val_captions.txt'))
@@ -154,7 +150,6 @@ def load_text_tokenizer(ckpt, override_path):
 
 def tokenize_prompts(prompts, text_len, tokenizer=None):
     """-> long (P, text_len), warning about prompts cut to text_len and saying which ones are empty."""
-    from data.common import tokenize_captions, open_clip_tokenizer
     tokenizer = tokenizer or open_clip_tokenizer()
     tokens = tokenize_captions(prompts, text_len, warn=False, tokenizer=tokenizer)          # (P, L)
     lengths = (tokenize_captions(prompts, max(256, text_len), warn=False, tokenizer=tokenizer)
@@ -174,11 +169,34 @@ def tokenize_prompts(prompts, text_len, tokenizer=None):
 @torch.no_grad()
 def generate_images(model, vq, text, ctx, generator, cfg_scale, temperature, top_k=None, top_p=None):
     """text (B, L) long on the model's device -> uint8 images (B, H, W, 3): GPT codes (KV cache, CFG) -> tokenizer."""
-    from utils import to_uint8_hwc
     with ctx:
         codes = model.generate(text, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator)                                  # (B, T)
     return to_uint8_hwc(vq.decode(codes))                                            # (B, H, W, 3), fp32 decode
+
+
+class TrainingGrid:
+    """train.py's sample grid at every eval: `samples` samples of each of the first `n_prompts` captions of a
+    prepared split, at sample.py's defaults with a fixed seed (the same noise at every eval), one row per prompt,
+    decoded with the tokenizer named in the dataset's meta.json (.vq is None when that file is not here)."""
+
+    def __init__(self, meta, data_dir, split, n_prompts, samples, seed, ctx):
+        vq_path = meta['vqgan'].get('path')
+        self.vq = load_vqgan(vq_path) if vq_path and os.path.isfile(vq_path) else None
+        self.text = torch.from_numpy(np.array(split.text[:n_prompts], dtype=np.int64))        # (P, L)
+        cap_file = os.path.join(data_dir, meta.get('captions', {}).get('val', 'val_captions.txt'))
+        self.captions = open(cap_file).read().splitlines()[:n_prompts] if os.path.isfile(cap_file) else []
+        self.samples, self.seed, self.ctx = samples, seed, ctx
+
+    def draw(self, model, path):
+        """Sample with `model`, save the PNG grid at path; returns path."""
+        device, defaults = next(model.parameters()).device, SampleConfig()
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        text = self.text.to(device).repeat_interleave(self.samples, dim=0)                     # (P * samples, L)
+        images = generate_images(model, self.vq.to(device), text, self.ctx, generator, defaults.cfg_scale,
+                                 defaults.temperature, defaults.top_k or None,
+                                 defaults.top_p if defaults.top_p < 1 else None)                # (P * samples, H, W, 3)
+        return save_image_grid(images, path, nrow=self.samples, scale=4, captions=self.captions)
 
 
 def batch_seed(seed, first_job):
@@ -186,53 +204,51 @@ def batch_seed(seed, first_job):
     return int(np.random.SeedSequence([seed, first_job]).generate_state(1)[0])
 
 
-def sample(cfg):
+def sample(settings):
     """Run sampling (one rank of it under torchrun). Returns (grid path or None, list of per-sample files written)."""
-    from tqdm import tqdm
-    from PIL import Image
-    from utils import pick_device, save_image_grid
-    import torch.distributed as dist
-    if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.scale < 1:
+    if settings.num_samples < 1 or settings.batch_size < 1 or settings.scale < 1:
         raise SampleError('num_samples, batch_size and scale must be >= 1')
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        raise SampleError(f'--temperature={cfg.temperature} must be >= 0 (0 = greedy), --top_k={cfg.top_k} >= 0 '
-                          f'(0 = off), --top_p={cfg.top_p} in (0, 1] (1 = off)')
+    if settings.temperature < 0 or settings.top_k < 0 or not 0 < settings.top_p <= 1:
+        raise SampleError(f'--temperature={settings.temperature} must be >= 0 (0 = greedy), '
+                          f'--top_k={settings.top_k} >= 0 (0 = off), --top_p={settings.top_p} in (0, 1] (1 = off)')
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    device = pick_device(cfg.device)
+    device = pick_device(settings.device)
     if world > 1 and device.startswith('cuda'):
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group(backend='gloo')  # only a barrier and a gather of the grid's few images
     try:
-        model, ckpt = load_gpt(cfg.ckpt, device)
-        vq = load_matching_vqgan(ckpt, cfg.vqgan, device)
-        prompts = read_prompts(cfg, ckpt)
-        text_tok = load_text_tokenizer(ckpt, cfg.text_tokenizer)
+        model, ckpt = load_gpt(settings.ckpt, device)
+        vq = load_matching_vqgan(ckpt, settings.vqgan, device)
+        prompts = read_prompts(settings, ckpt)
+        text_tok = load_text_tokenizer(ckpt, settings.text_tokenizer)
         text = tokenize_prompts(prompts, model.config.text_len, text_tok).to(device)  # (P, L)
         use_bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
         ctx = torch.autocast(device_type='cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-        n_jobs = len(prompts) * cfg.num_samples
-        batches = [(s, min(s + cfg.batch_size, n_jobs)) for s in range(0, n_jobs, cfg.batch_size)]
-        grid_rows, grid_cols = min(len(prompts), GRID_MAX_ROWS), min(cfg.num_samples, GRID_MAX_COLS)
+        n_jobs = len(prompts) * settings.num_samples
+        batches = [(s, min(s + settings.batch_size, n_jobs)) for s in range(0, n_jobs, settings.batch_size)]
+        grid_rows, grid_cols = min(len(prompts), GRID_MAX_ROWS), min(settings.num_samples, GRID_MAX_COLS)
         grid_images, written = {}, []
-        if cfg.out_dir:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+        if settings.out_dir:
+            os.makedirs(settings.out_dir, exist_ok=True)
         if rank == 0:
-            print(f'{len(prompts)} prompt(s) x {cfg.num_samples} samples = {n_jobs} images in {len(batches)} '
-                  f'batch(es) over {world} process(es); cfg_scale {cfg.cfg_scale}, temperature {cfg.temperature}, '
-                  f'top_k {cfg.top_k or "off"}, top_p {cfg.top_p if cfg.top_p < 1 else "off"}, seed {cfg.seed}')
+            print(f'{len(prompts)} prompt(s) x {settings.num_samples} samples = {n_jobs} images in {len(batches)} '
+                  f'batch(es) over {world} process(es); cfg_scale {settings.cfg_scale}, temperature '
+                  f'{settings.temperature}, top_k {settings.top_k or "off"}, top_p '
+                  f'{settings.top_p if settings.top_p < 1 else "off"}, seed {settings.seed}')
         for start, end in tqdm(batches[rank::world], desc=f'sample (rank {rank})' if world > 1 else 'sample',
                                disable=rank != 0 and world > 1):
             jobs = np.arange(start, end)
-            generator = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, start))
-            images = generate_images(model, vq, text[jobs // cfg.num_samples], ctx, generator, cfg.cfg_scale,
-                                     cfg.temperature, cfg.top_k or None, cfg.top_p if cfg.top_p < 1 else None)
+            generator = torch.Generator(device=device).manual_seed(batch_seed(settings.seed, start))
+            images = generate_images(model, vq, text[jobs // settings.num_samples], ctx, generator,
+                                     settings.cfg_scale, settings.temperature, settings.top_k or None,
+                                     settings.top_p if settings.top_p < 1 else None)
             for j, image in zip(jobs, images):
-                p, s = divmod(int(j), cfg.num_samples)
-                if cfg.out_dir:
-                    path = os.path.join(cfg.out_dir, f'p{p:05d}_s{s:03d}.png')
+                p, s = divmod(int(j), settings.num_samples)
+                if settings.out_dir:
+                    path = os.path.join(settings.out_dir, f'p{p:05d}_s{s:03d}.png')
                     Image.fromarray(image).save(path)
                     written.append(path)
                 if p < grid_rows and s < grid_cols:
@@ -245,17 +261,17 @@ def sample(cfg):
             dist.barrier()
         if rank != 0:
             return None, written
-        grid_path = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), 'samples.png')
-        order = [p * cfg.num_samples + s for p in range(grid_rows) for s in range(grid_cols)]
-        save_image_grid(np.stack([grid_images[j] for j in order]), grid_path, nrow=grid_cols, scale=cfg.scale,
+        grid_path = settings.out or os.path.join(os.path.dirname(os.path.abspath(settings.ckpt)), 'samples.png')
+        order = [p * settings.num_samples + s for p in range(grid_rows) for s in range(grid_cols)]
+        save_image_grid(np.stack([grid_images[j] for j in order]), grid_path, nrow=grid_cols, scale=settings.scale,
                         captions=prompts[:grid_rows])
         note = f' (the first {grid_rows} prompts x {grid_cols} samples)' if (grid_rows, grid_cols) != (
-            len(prompts), cfg.num_samples) else ''
+            len(prompts), settings.num_samples) else ''
         print(f'saved the grid{note}: {grid_path}')
-        if cfg.out_dir:
-            with open(os.path.join(cfg.out_dir, 'prompts.txt'), 'w') as f:
+        if settings.out_dir:
+            with open(os.path.join(settings.out_dir, 'prompts.txt'), 'w') as f:
                 f.write(''.join(p + '\n' for p in prompts))
-            print(f'saved {n_jobs} PNGs (p<prompt>_s<sample>.png) and prompts.txt in {cfg.out_dir}')
+            print(f'saved {n_jobs} PNGs (p<prompt>_s<sample>.png) and prompts.txt in {settings.out_dir}')
         return grid_path, written
     finally:
         if world > 1:
@@ -265,12 +281,7 @@ def sample(cfg):
 def main(argv):
     try:
         return sample(configure(SampleConfig(), argv))
-    except (SampleError, ConfigError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    except RuntimeError as e:  # utils.load_checkpoint's corrupt-file message
-        if 'could not read checkpoint' not in str(e):
-            raise
+    except (SampleError, ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         raise SystemExit(1)
 

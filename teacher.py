@@ -9,41 +9,29 @@ embedding). Every teacher is an open_clip model, so one class covers
     Teacher('ViT-B-16', pretrained='/path/to/open_clip_pytorch_model.bin')      # a local checkpoint file
     Teacher('ViT-S-32', embed_dim=32, vision_cfg=dict(image_size=32, patch_size=4, layers=2, width=64,
             head_width=32), text_cfg=dict(context_length=16, width=64, heads=2, layers=1))  # tiny, random (tests)
-    Teacher.load('out/teacher_shapes/teacher.pt')       # a teacher saved by this file (the shapes CLIP below)
+    Teacher.load('out/teacher_shapes/teacher.pt')       # a saved teacher (python data/shapes/train_teacher.py)
 
 BiomedCLIP needs the optional extra `pip install transformers` (its text tower is a Hugging Face BERT) and, like
 every named model, the network once to fetch its weights. Keyword overrides replace whole top-level entries of the
 named open_clip config (`vision_cfg=...` replaces the entire vision config), exactly as open_clip does.
 
 `teacher.embed(images)` -> float32 (B, D), L2-normalised, equal to F.normalize(model.encode_image(preprocess(x))).
-Inputs are uint8 tensors (B, 3, H, W) or lists of PIL images. Tensors are preprocessed on tensors (fast, batched) with
-the settings of the transform open_clip returns (`teacher.preprocess`): resize of the short side, centre crop,
-mean/std. That matches `.preprocess` on the same PIL image exactly when no resize is needed and to within one grey
-level per pixel when it is (torch's and PIL's bicubic round differently). `embed_dataset` turns an (N, H, W, 3)
-uint8 array into the float16 (N, D) array of the prepare step.
+Inputs are uint8 tensors (B, 3, H, W) or lists of PIL images; tensors are preprocessed on tensors (batched) with the
+settings of open_clip's eval transform (`teacher.preprocess`). `embed_dataset` turns an (N, H, W, 3) uint8 array into
+the float16 (N, D) array of the prepare step: the only place ARRA runs the teacher.
 
-`python teacher.py --dataset=shapes` trains the shapes world's teacher: no pretrained model knows that world, so a
-small CLIP (open_clip's ViT and text transformer, open_clip's ClipLoss) is trained on its images and captions in a
-few minutes on a CPU, then saved for `Teacher.load`. Captions name the background only half of the time; the
-contrastive loss still has to tell "... on a striped navy background" from "... on a plain gray background", so the
-image embedding carries the global background properties that ARRA asks the GPT to keep consistent. The default
-run (D = 64, 3.5M parameters, 400 steps of 256 pairs, seed 1337) reaches val image->text top-1 0.568 among all
-1,000 captions (chance 0.001) and 0.908 within blocks of 100, and the background colour / texture can be read off
-its embedding with 1.00 / 0.97 accuracy; it took 7 minutes on one thread of a busy 2-core machine (0.67 CPU-s/step).
-`python teacher.py --dataset=shapes --preset=strong` trains a stronger one into out/teacher_shapes_strong (PRESETS).
-
-Why a plain class and not an nn.Module: a teacher inside a GPT's module tree would have its parameters picked up by
-the optimizer, `.train()`, DDP and the checkpoint. Kept outside, it stays frozen however the student is handled.
+A plain class, not an nn.Module: a teacher inside a GPT's module tree would have its parameters picked up by the
+optimizer, `.train()`, DDP and the checkpoint. Kept outside, it stays frozen however the student is handled.
 """
 import os
-import sys
-import math
-import time
-from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+from PIL import Image
+from tqdm import tqdm
 import open_clip
 
 from utils import atomic_torch_save, load_checkpoint, file_sha256, pick_device
@@ -127,8 +115,6 @@ def build_clip(name, pretrained=None, device='cpu', cache_dir=None, preprocess_c
 def preprocess_uint8(images, preprocess_cfg):
     """uint8 (B, 3, H, W) -> float32 (B, 3, S, S): the tensor twin of open_clip's eval transform (resize the short
     side to S, centre crop, scale to [0, 1], normalise). Resizing runs on uint8, like PIL, so both round alike."""
-    import torchvision.transforms.v2.functional as TF
-    from torchvision.transforms import InterpolationMode
     size = preprocess_cfg['size']
     size = size if isinstance(size, int) else tuple(size)
     if not isinstance(size, int) and size[0] == size[1]:
@@ -152,7 +138,6 @@ def preprocess_uint8(images, preprocess_cfg):
 def _check_uint8_images(images):
     """Reject everything but uint8 (B, 3, H, W) tensors and lists of PIL images, naming the fix."""
     if isinstance(images, (list, tuple)):
-        from PIL import Image
         if not images or not all(isinstance(im, Image.Image) for im in images):
             raise TypeError('embed takes a non-empty list of PIL images or a uint8 tensor (B, 3, H, W)')
         return
@@ -193,12 +178,13 @@ class Teacher:
 
     @classmethod
     def load(cls, path, device='cpu', cache_dir=None):
-        """Load a teacher written by Teacher.save (or by `python teacher.py`): the CLIP is rebuilt from its name and
-        config overrides, then strict-loaded, so a saved hf-hub teacher needs that hub config in the local cache."""
-        ckpt = load_checkpoint(path, kind='python teacher.py --dataset=shapes')
+        """Load a teacher written by Teacher.save (or by `python data/shapes/train_teacher.py`): the CLIP is rebuilt
+        from its name and config overrides, then strict-loaded, so a saved hf-hub teacher needs that hub config in
+        the local cache."""
+        ckpt = load_checkpoint(path, kind='python data/shapes/train_teacher.py')
         if not isinstance(ckpt, dict) or ckpt.get('kind') != TEACHER_KIND:
             raise ValueError(f'{path} is not a teacher checkpoint (kind={ckpt.get("kind") if isinstance(ckpt, dict) else None!r}, '
-                             f'expected {TEACHER_KIND!r}); train one with `python teacher.py --dataset=shapes`')
+                             f'expected {TEACHER_KIND!r}); train one with `python data/shapes/train_teacher.py`')
         missing, unknown = _REQUIRED_KEYS - set(ckpt), set(ckpt) - _REQUIRED_KEYS - _OPTIONAL_KEYS
         if missing or unknown:
             raise ValueError(f'teacher checkpoint {path}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}')
@@ -264,7 +250,6 @@ def save_clip(path, model, name, model_kwargs, pretrained=None, **extra):
 
 def embed_dataset(teacher, images, batch_size=256, progress=True):
     """uint8 (N, H, W, 3) numpy array or memmap -> float16 (N, D) numpy embeddings, read batch by batch."""
-    from tqdm import tqdm
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f'embed_dataset takes uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}')
     out = np.empty((len(images), teacher.dim), dtype=np.float16)
@@ -272,200 +257,3 @@ def embed_dataset(teacher, images, batch_size=256, progress=True):
         x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)  # (b, 3, H, W)
         out[i:i + len(x)] = teacher.embed(x, batch_size=batch_size).cpu().numpy()
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training a small CLIP as the teacher of a world no pretrained model knows (shapes)
-
-@dataclass
-class TrainConfig:
-    dataset: str = 'shapes'          # reads data/<dataset>/{train,val}_images.npy and _captions.txt
-    data_dir: str = ''               # overrides data/<dataset> when set
-    out_dir: str = 'out/teacher_shapes'  # teacher.pt goes here
-    base_model: str = 'ViT-S-32'     # open_clip config name; its towers and embed_dim are replaced by the fields below
-    embed_dim: int = 64              # D: the width of the shared embedding, and of the GPT's alignment target
-    patch_size: int = 4              # 32 px / 4 = 8x8 patches: cells of the 3x3 grid span ~2.7 patches
-    vision_layers: int = 4           # ViT depth
-    vision_width: int = 64           # ViT width (head_width 32 -> 2 heads)
-    text_layers: int = 2             # text transformer depth: captions are short and templated
-    text_width: int = 64             # text transformer width (2 heads)
-    context_length: int = 32         # caption tokens; the longest shapes caption is 24 with SOT/EOT
-    batch_size: int = 256            # contrastive batch: more negatives per step, 256 still fits a CPU step in ~1 s
-    max_iters: int = 400             # optimizer steps (~5 epochs of 20,000 pairs)
-    lr: float = 1e-3                 # peak AdamW learning rate
-    warmup_iters: int = 50           # linear warmup, then cosine decay to lr / 10
-    weight_decay: float = 0.1        # on matrices only (not gains, biases, logit scale)
-    eval_interval: int = 100         # val retrieval every this many steps (and at the end)
-    seed: int = 1337
-    device: str = 'cpu'              # 'auto' picks cuda when available
-    preset: str = ''                 # a named set of the settings above (PRESETS); the command line still wins
-
-
-# `--preset=strong`: a deeper image tower trained 4x longer (the teacher-strength comparison on shapes), into its
-# own out_dir so it never overwrites the default teacher. D stays 64, so the GPT's projector is unchanged. Width is
-# left at 64: at 128 a step costs ~5x more on a CPU, while the default's loss is still falling at step 400.
-PRESETS = {
-    'strong': dict(vision_layers=6, max_iters=1600, warmup_iters=100, eval_interval=400,
-                   out_dir='out/teacher_shapes_strong'),
-}
-
-
-def clip_model_kwargs(cfg, image_size):
-    """The open_clip overrides of the small CLIP: plain dicts, stored in the checkpoint as they are."""
-    return dict(embed_dim=cfg.embed_dim,
-                vision_cfg=dict(image_size=image_size, patch_size=cfg.patch_size, layers=cfg.vision_layers,
-                                width=cfg.vision_width, head_width=32),
-                text_cfg=dict(context_length=cfg.context_length, vocab_size=49408, width=cfg.text_width,
-                              heads=cfg.text_width // 32, layers=cfg.text_layers))
-
-
-def clip_loss(model, images, tokens, loss_fn=None):
-    """Symmetric InfoNCE (open_clip's ClipLoss) of preprocessed images (B, 3, S, S) against tokens (B, L)."""
-    loss_fn = loss_fn or open_clip.ClipLoss()
-    image_features = model.encode_image(images, normalize=True)   # (B, D)
-    text_features = model.encode_text(tokens, normalize=True)     # (B, D)
-    return loss_fn(image_features, text_features, model.logit_scale.exp())
-
-
-@torch.no_grad()
-def retrieval_metrics(model, images, tokens, captions, group=100, batch_size=500):
-    """Image->text top-1 retrieval on a split, three ways (chance in brackets for N = 1000):
-    top1: the nearest of all N captions is the image's own (1/N);
-    top1_same_text: the nearest caption has the same text as the image's own (duplicates count as right);
-    top1_in_group: the nearest of the `group` captions in the image's block of `group` is its own (1/group)."""
-    model.eval()
-    img = torch.cat([model.encode_image(images[i:i + batch_size], normalize=True)
-                     for i in range(0, len(images), batch_size)])            # (N, D)
-    txt = torch.cat([model.encode_text(tokens[i:i + batch_size], normalize=True)
-                     for i in range(0, len(tokens), batch_size)])            # (N, D)
-    sim = img @ txt.T                                                        # (N, N)
-    n = len(sim)
-    best = sim.argmax(dim=1)                                                 # (N,)
-    own = torch.arange(n)
-    blocks = [sim[i:i + group, i:i + group].argmax(dim=1) == torch.arange(min(group, n - i))
-              for i in range(0, n, group)]
-    return dict(top1=(best == own).float().mean().item(),
-                top1_same_text=float(np.mean([captions[b] == captions[i] for i, b in enumerate(best.tolist())])),
-                top1_in_group=torch.cat(blocks).float().mean().item(), n=n, group=group)
-
-
-def background_probe(teacher, data_dir, n_train=4000):
-    """Nearest-class-mean accuracy of the background colour and texture read from the embedding alone (val split,
-    class means from n_train train images): whether the teacher carries the global property. None if no scenes."""
-    from data.shapes.prepare import load_split, load_scenes
-    if not os.path.exists(os.path.join(data_dir, 'val_scenes.jsonl')):
-        return None
-    result = {}
-    splits = {s: (load_split(data_dir, s)[0], load_scenes(data_dir, s)) for s in ('train', 'val')}
-    emb = {s: embed_dataset(teacher, imgs[:n_train], progress=False).astype(np.float32)
-           for s, (imgs, _) in splits.items()}
-    for prop in ('bg_color', 'bg_texture'):
-        labels = {s: np.array([sc[prop] for sc in scenes[:n_train]]) for s, (_, scenes) in splits.items()}
-        classes = sorted(set(labels['train']))
-        means = np.stack([emb['train'][labels['train'] == c].mean(0) for c in classes])   # (K, D)
-        pred = np.array(classes)[(emb['val'] @ means.T).argmax(1)]
-        result[prop] = float((pred == labels['val']).mean())
-    return result
-
-
-def train_clip(model, images, tokens, cfg, progress=True, log=print, evaluate=None):
-    """AdamW + warmup/cosine on (preprocessed images (N, 3, S, S), tokens (N, L)); returns the per-step losses.
-    evaluate: optional callable -> dict of val metrics, logged every cfg.eval_interval steps."""
-    from tqdm import tqdm
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]   # gains, biases, logit scale
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
-                             {'params': no_decay, 'weight_decay': 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = open_clip.ClipLoss()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n, order, pos, losses = len(images), torch.randperm(len(images), generator=gen), 0, []
-    model.train()
-    bar = tqdm(range(cfg.max_iters), desc='train CLIP teacher', disable=not progress)
-    for it in bar:
-        if pos + cfg.batch_size > n:  # a fresh permutation each epoch: no image twice in one batch
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        warm = (it + 1) / max(1, cfg.warmup_iters)
-        progress_frac = max(0.0, it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-        lr = cfg.lr * (warm if it < cfg.warmup_iters else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
-        for g in opt.param_groups:
-            g['lr'] = lr
-        loss = clip_loss(model, images[idx], tokens[idx], loss_fn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # open_clip's guard: a temperature above 100 makes the loss unstable
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        bar.set_postfix(loss=f'{loss.item():.3f}', scale=f'{model.logit_scale.exp().item():.1f}')
-        if log and cfg.eval_interval and (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
-            msg = f'step {it + 1}: train loss {np.mean(losses[-cfg.eval_interval:]):.4f}'
-            if evaluate:
-                msg += ' | val ' + ' '.join(f'{k} {v:.3f}' for k, v in evaluate().items() if isinstance(v, float))
-                model.train()
-            log(msg)
-    model.eval()
-    return losses
-
-
-def train_config(argv):
-    """TrainConfig from `--key=value` arguments: the defaults, or the named --preset's, under the command line."""
-    from configurator import configure
-    cfg = configure(TrainConfig(), argv)
-    if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise SystemExit(f'--preset={cfg.preset!r}: choose one of {", ".join(PRESETS)}')
-        cfg = configure(TrainConfig(**PRESETS[cfg.preset]), argv)
-    return cfg
-
-
-def main(argv):
-    from data.shapes.prepare import load_split
-    cfg = train_config(argv)
-    print(cfg)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', cfg.dataset)
-    (train_np, train_caps), (val_np, val_caps) = load_split(data_dir, 'train'), load_split(data_dir, 'val')
-    model_kwargs = clip_model_kwargs(cfg, image_size=train_np.shape[1])
-    model, _ = build_clip(cfg.base_model, None, device, **model_kwargs)
-    print(f'CLIP teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, D = {cfg.embed_dim}')
-    tokenizer = open_clip.get_tokenizer(cfg.base_model, context_length=cfg.context_length)
-    pp = model.visual.preprocess_cfg
-
-    def tensors(imgs, caps):  # the whole split in memory: 20,000 x 3 x 32 x 32 floats is 250 MB
-        x = preprocess_uint8(torch.from_numpy(np.array(imgs)).permute(0, 3, 1, 2), pp)  # (N, 3, S, S)
-        return x.to(device), tokenizer(caps).to(device)                                            # (N, L)
-    train_x, train_t = tensors(train_np, train_caps)
-    val_x, val_t = tensors(val_np, val_caps)
-    t0 = time.time()
-    losses = train_clip(model, train_x, train_t, cfg,
-                        evaluate=lambda: retrieval_metrics(model, val_x, val_t, val_caps))
-    train_time = time.time() - t0
-    metrics = retrieval_metrics(model, val_x, val_t, val_caps)
-    path = os.path.join(cfg.out_dir, 'teacher.pt')
-    metrics |= dict(final_train_loss=float(np.mean(losses[-20:])), train_seconds=round(train_time, 1),
-                    threads=torch.get_num_threads())
-    save_clip(path, model, cfg.base_model, model_kwargs, dim=cfg.embed_dim, context_length=cfg.context_length,
-              train_config=asdict(cfg), metrics=metrics, iter_num=cfg.max_iters)
-    teacher = Teacher.load(path, device=device)  # the probe reads the saved teacher, as the prepare step will
-    probe = background_probe(teacher, data_dir)
-    if probe:  # saved again, now with the probe's numbers
-        metrics |= {f'probe_{k}': v for k, v in probe.items()}
-        save_clip(path, model, cfg.base_model, model_kwargs, dim=cfg.embed_dim, context_length=cfg.context_length,
-                  train_config=asdict(cfg), metrics=metrics, iter_num=cfg.max_iters)
-    n = metrics['n']
-    print(f'trained {cfg.max_iters} steps in {train_time:.0f}s on {metrics["threads"]} threads; '
-          f'final train loss {metrics["final_train_loss"]:.4f}; D = {teacher.dim}')
-    print(f'val image->text top-1: {metrics["top1"]:.3f} among all {n} captions (chance {1 / n:.4f}); '
-          f'{metrics["top1_same_text"]:.3f} counting an identical caption text as right; '
-          f'{metrics["top1_in_group"]:.3f} within blocks of {metrics["group"]} (chance {1 / metrics["group"]:.2f})')
-    if probe:
-        print(f'background read from the embedding (nearest class mean, val): colour {probe["bg_color"]:.3f} '
-              f'(chance 0.25), texture {probe["bg_texture"]:.3f} (chance 0.5)')
-    print(f'saved {path}')
-
-
-if __name__ == '__main__':
-    main(sys.argv[1:])

@@ -1,15 +1,19 @@
 """
 Small helpers shared by the scripts: atomic file writes (a crash never leaves a half-written checkpoint or array
-behind), PNG image grids a person can look at, and the device / seed plumbing every script repeats.
-Imports only torch, numpy and PIL.
+behind), checkpoint loading with clear errors, the learning-rate schedule of every trainer, PNG image grids a person
+can look at, and the device plumbing every script repeats. Imports only torch, numpy and PIL.
 """
 import os
+import math
+import time
 import hashlib
 import tempfile
 import textwrap
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +47,10 @@ def atomic_write_bytes(data, path):
         raise
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, not a torch file, or holding objects weights_only refuses)."""
+
+
 def load_checkpoint(path, kind=None):
     """torch.load(weights_only=True) with errors that say what went wrong and what to run instead."""
     if not os.path.exists(path):
@@ -50,8 +58,37 @@ def load_checkpoint(path, kind=None):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or pickled objects that weights_only refuses
-        raise RuntimeError(f'could not read checkpoint {path!r}: {type(e).__name__}: {e}. The file is corrupt or '
+        raise CheckpointError(f'could not read checkpoint {path!r}: {type(e).__name__}: {e}. The file is corrupt or '
                            f'not a checkpoint of this project; retrain it or point to the right file.') from e
+
+
+def lr_schedule(it, warmup_iters, decay_iters, lr, min_lr, decay=True):
+    """The learning rate at step `it`: linear warmup to lr over warmup_iters steps, then a cosine from lr down to
+    min_lr at decay_iters (and min_lr after it); decay=False keeps lr after the warmup (LlamaGen's recipe)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    if not decay:
+        return lr
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def measure_peak_flops(device, dtype):
+    """FLOP/s of the best of a few large square matmuls in `dtype`: the practical peak that MFU is measured against
+    (below the datasheet's, so an MFU against it reads higher than one against the datasheet)."""
+    n = 8192 if device.startswith('cuda') else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    best = float('inf')
+    for _ in range(10):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -109,3 +146,22 @@ def pick_device(device='auto'):
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     return device
+
+
+@contextmanager
+def distributed(device):
+    """-> (ddp, rank, world, device) of this process. Under torchrun (RANK set) it joins the process group (NCCL on
+    CUDA, gloo on CPU) for the length of the run, on device cuda:LOCAL_RANK; alone it is rank 0 of 1."""
+    if int(os.environ.get('RANK', -1)) == -1:
+        yield False, 0, 1, pick_device(device)
+        return
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    use_cuda = pick_device(device).startswith('cuda')
+    device = f'cuda:{local_rank}' if use_cuda else 'cpu'
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+    try:
+        yield True, rank, world, device
+    finally:
+        dist.destroy_process_group()

@@ -4,34 +4,22 @@ The image tokenizer: a VQGAN that turns an image into a grid of discrete codes a
     images (B, 3, H, W) in [-1, 1] -> Encoder -> quant_conv -> VectorQuantizer -> codes (B, h*w), raster order
     codes -> codebook vectors -> post_quant_conv -> Decoder -> images (B, 3, H, W), roughly in [-1, 1]
 
+    vq = load_vqgan('out/vqgan_shapes/ckpt.pt')      # this project's checkpoint, or LlamaGen's vq_ds16_c2i.pt
+    codes = vq.encode(images)                        # (B, h*w) long
+    images = vq.decode(codes)                        # (B, 3, H, W)
+
 The architecture is taming-transformers' VQGAN (Esser et al. 2021) in the form LlamaGen (Sun et al. 2024,
 github.com/FoundationVision/LlamaGen, tokenizer/tokenizer_image/vq_model.py) uses: ResNet blocks with GroupNorm and
 swish, downsampling by a stride-2 conv with (0,1,0,1) padding, upsampling by nearest x2 + conv, single-head attention
 at the lowest resolution and in the middle block. The quantizer follows LlamaGen: a low-dimensional codebook (16384
-codes x 8 dims) whose vectors and the encoder's latents are both L2-normalised before the nearest-code search, which
-keeps far more of the codebook in use than taming's 256-dim unnormalised codes.
+codes x 8 dims) whose vectors and the encoder's latents are both L2-normalised before the nearest-code search.
 
 Module and parameter names match LlamaGen's `VQ_16` exactly, so its released `vq_ds16_c2i.pt` / `vq_ds16_t2i.pt`
 load with `load_state_dict(strict=True)` and no renaming (`load_vqgan`), and the ops run in the same order, so the
 same weights give the same codes. tests/data/llamagen_vq16_keys.json lists the expected names and shapes.
-
-Training (`python vqgan.py --dataset=shapes`, a few minutes on a CPU) fits a small tokenizer to the shapes world:
-32x32 images -> 8x8 codes from 512. Loss = reconstruction (L2 or L1) + codebook + beta * commitment, optionally + a
-PatchGAN hinge loss (delayed start, adaptive weight) and LPIPS (only if its weights are already on disk; never
-downloaded). Codes that go unused for `restart_interval` steps are re-seeded from the batch's latents: without that,
-a short run used only 36 of 512 codes; with it, all of them.
-
-Honest notes:
-- taming's quantizer puts beta on the codebook term by mistake (kept there for compatibility); here, as in LlamaGen,
-  beta weights the commitment term: the encoder is pulled towards its code, the codebook moves at full speed.
-- LlamaGen's `quantize.codebook_used` buffer (the last 65536 chosen indices, stored as floats) is kept because the
-  released state dicts contain it; it only feeds the running usage figure during training.
-- Model code imports only torch; numpy, tqdm and the repo's helpers are imported inside the functions that need them.
+The shapes tokenizer is trained by `python data/shapes/train_tokenizer.py`. Imports only torch at module level.
 """
 import os
-import sys
-import math
-import time
 import argparse
 from dataclasses import dataclass, asdict, replace
 
@@ -218,15 +206,6 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Vector quantizer
 
-def code_stats(codes, codebook_size):
-    """(fraction of the codebook used, perplexity) of a set of code indices. Perplexity = exp(entropy of the code
-    histogram): the 'effective number of codes', K when all are used evenly, 1 when one code is used."""
-    counts = torch.bincount(codes.flatten().long(), minlength=codebook_size).float()
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return (counts > 0).float().mean().item(), entropy.exp().item()
-
-
 class VectorQuantizer(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -374,7 +353,7 @@ def _read_checkpoint(path, image_size=None):
     from configurator import config_from_dict
     # LlamaGen's training script also pickles its argparse.Namespace under 'args'; allow that one plain class
     with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = load_checkpoint(path, kind='train one with `python vqgan.py --dataset=shapes`, or download '
+        ckpt = load_checkpoint(path, kind='train one with `python data/shapes/train_tokenizer.py`, or download '
                                           "LlamaGen's vq_ds16_c2i.pt")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         raise ValueError(f'{path} is not an image tokenizer checkpoint: expected a dict with a "model" state dict')
@@ -437,231 +416,3 @@ def encode_images(model, images_uint8, batch_size=256, device='cpu', progress=Tr
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                             # (b, 3, H, W) in [-1, 1]
         out[start:start + len(x)] = model.encode(x).cpu().numpy().astype(np.uint16)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training (the shapes tokenizer)
-
-class PatchDiscriminator(nn.Module):
-    """pix2pix's PatchGAN: strided 4x4 convs ending in a map of real/fake logits, one per overlapping patch."""
-
-    def __init__(self, ch=64, n_layers=2):
-        super().__init__()
-        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
-        for i in range(1, n_layers + 1):
-            c_next = ch * min(2 ** i, 8)
-            layers += [nn.Conv2d(c, c_next, 4, 2 if i < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_next),
-                       nn.LeakyReLU(0.2)]
-            c = c_next
-        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
-
-    def forward(self, x):  # (B, 3, H, W) -> (B, 1, h', w') logits
-        return self.main(x)
-
-
-def load_lpips(device):
-    """LPIPS(VGG) from the `lpips` package, only when it and torchvision's VGG16 weights are already on disk."""
-    vgg = os.path.join(torch.hub.get_dir(), 'checkpoints', 'vgg16-397923af.pth')
-    try:
-        import lpips
-    except ImportError:
-        raise RuntimeError('perceptual_weight > 0 needs the lpips package (pip install lpips); or use '
-                           '--perceptual_weight=0') from None
-    if not os.path.exists(vgg):
-        raise FileNotFoundError(f'LPIPS needs VGG16 weights at {vgg}; this script never downloads. Put the file '
-                                f'there or use --perceptual_weight=0')
-    return lpips.LPIPS(net='vgg', verbose=False).to(device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def restart_dead_codes(model, images, hits):
-    """Re-seed every code that no latent picked since the last call (hits == 0) with a random latent of this batch.
-    The l2-normalised low-dim codebook alone still left most of a small codebook unused in short CPU runs; moving dead
-    codes onto the data (as in vector-quantize-pytorch's dead-code replacement) keeps them in play. Returns #dead."""
-    dead = (hits == 0).nonzero().squeeze(1)                               # (n_dead,)
-    if len(dead):
-        z = model.quant_conv(model.encoder(images))                       # (B, D, h, w)
-        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])                 # (B*h*w, D)
-        if model.config.codebook_l2_norm:
-            z = F.normalize(z, dim=-1)
-        pick = torch.randperm(len(z), device=z.device)[:len(dead)] if len(z) >= len(dead) else \
-            torch.randint(len(z), (len(dead),), device=z.device)
-        model.quantize.embedding.weight[dead] = z[pick]
-    return len(dead)
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = 'shapes'             # reads data/<dataset>/{train,val}_images.npy (python data/shapes/prepare.py)
-    data_dir: str = ''                  # '' = data/<dataset>
-    out_dir: str = ''                   # '' = out/vqgan_<dataset>: ckpt.pt and reconstruction PNGs
-    n_train: int = 0                    # use only the first n_train training images (0 = all)
-    # model (image_size comes from the data). Sized for a CPU: ~74 MFLOP per 32x32 image forward.
-    codebook_size: int = 512            # K; all 512 end up in use on shapes (perplexity ~340)
-    codebook_embed_dim: int = 8         # LlamaGen's low-dim codes
-    ch: int = 16                        # base width
-    ch_mult: tuple[int, ...] = (1, 1, 2)  # 32 -> 8: two halvings, widths 16, 16, 32
-    num_res_blocks: int = 1             # per level (decoder: one more)
-    z_channels: int = 32
-    norm_groups: int = 8
-    commit_loss_beta: float = 0.25
-    # losses
-    recon_loss: str = 'l2'              # 'l2' or 'l1' (l1 got stuck drawing backgrounds only: objects are few pixels)
-    codebook_weight: float = 1.0        # weight of codebook + beta * commitment
-    perceptual_weight: float = 0.0      # LPIPS; needs local weights (off: none ship with the repo)
-    disc_weight: float = 0.0            # PatchGAN hinge loss weight (0 = off: the CPU budget goes to more L2 steps)
-    disc_start: int = 1000              # iteration where the GAN terms switch on (the autoencoder must work first)
-    disc_adaptive: bool = True          # scale the GAN term by grad-norm ratio at the decoder's last layer (taming)
-    # codebook upkeep
-    restart_interval: int = 100         # every N iters, re-seed codes unused for N iters from batch latents (0 = off)
-    restart_until: float = 0.8          # stop re-seeding after this fraction of max_iters, so the last codes settle
-    # optimisation (on shapes, batch 16 beat 8 and 32 per FLOP, lr 2e-3 beat 1e-3 and 5e-3)
-    max_iters: int = 5000               # ~19 it/s on one idle thread: about 4.5 minutes
-    batch_size: int = 16
-    lr: float = 2e-3                    # peak learning rate (Adam), after warmup, cosine decay to min_lr
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0              # 0 = off
-    # logging
-    eval_interval: int = 2500           # reconstruction PNG + val MSE on eval_images + checkpoint
-    eval_images: int = 256
-    device: str = 'auto'
-    seed: int = 1337
-
-
-@torch.no_grad()
-def save_recon_grid(model, images, path, n=8):
-    """PNG of rows of n originals, each above its reconstruction through the discrete codes."""
-    import numpy as np
-    from utils import save_image_grid, to_uint8_hwc
-    orig, recon = to_uint8_hwc(images), to_uint8_hwc(model.decode(model.encode(images)))  # (N, H, W, 3) uint8
-    rows = [a[i:i + n] for i in range(0, len(orig), n) for a in (orig, recon)]
-    save_image_grid(np.concatenate(rows), path, nrow=n, scale=4,
-                    captions=['original', 'reconstruction'] * (len(rows) // 2), caption_width=100)
-
-
-@torch.no_grad()
-def evaluate(model, images, batch_size=250):
-    """Reconstruction MSE through the discrete codes (on [-1, 1] pixels, clamped), codebook usage and perplexity."""
-    se, codes = 0.0, []
-    for x in images.split(batch_size):
-        c = model.encode(x)
-        se += ((model.decode(c).clamp(-1, 1) - x) ** 2).sum().item()
-        codes.append(c)
-    usage, ppl = code_stats(torch.cat(codes), model.codebook_size)
-    return dict(mse=se / images.numel(), usage=usage, perplexity=ppl)
-
-
-def train(cfg: TrainConfig, progress=True):
-    """Train a tokenizer on data/<dataset>; returns the final metrics. Writes <out_dir>/ckpt.pt and PNGs."""
-    import numpy as np
-    from tqdm import tqdm
-    from utils import REPO_ROOT, pick_device, uint8_to_float
-    from data.shapes.prepare import load_split
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    data_dir = cfg.data_dir or os.path.join(REPO_ROOT, 'data', cfg.dataset)
-    out_dir = cfg.out_dir or os.path.join('out', f'vqgan_{cfg.dataset}')
-    if cfg.recon_loss not in ('l1', 'l2'):
-        raise ValueError(f"recon_loss must be 'l1' or 'l2', got {cfg.recon_loss!r}")
-    train_images, _ = load_split(data_dir, 'train')
-    val_images, _ = load_split(data_dir, 'val')
-    train_images = torch.from_numpy(np.array(train_images[:cfg.n_train or None]))  # (N, H, W, 3) uint8, in RAM
-    val_x = uint8_to_float(np.array(val_images)).to(device)                        # (Nv, 3, H, W) in [-1, 1]
-    N, H, W, _ = train_images.shape
-    if H != W:
-        raise ValueError(f'training images must be square, got {H}x{W}')
-    model_cfg = VQConfig(image_size=H, codebook_size=cfg.codebook_size, codebook_embed_dim=cfg.codebook_embed_dim,
-                         commit_loss_beta=cfg.commit_loss_beta, ch=cfg.ch, ch_mult=cfg.ch_mult,
-                         num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels, norm_groups=cfg.norm_groups)
-    model = VQModel(model_cfg).to(device).train()
-    print(f'tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {H}x{W} -> '
-          f'{model.grid[0]}x{model.grid[1]} codes from {cfg.codebook_size}; {N} train images on {device}')
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    use_gan = cfg.disc_weight > 0
-    if use_gan:
-        disc = PatchDiscriminator().to(device).train()
-        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
-    lpips_fn = load_lpips(device) if cfg.perceptual_weight > 0 else None
-
-    def lr_at(it):  # linear warmup, then cosine from lr down to min_lr
-        if it < cfg.warmup_iters:
-            return cfg.lr * (it + 1) / cfg.warmup_iters
-        t = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (cfg.lr - cfg.min_lr)
-
-    def checkpoint(it, metrics):
-        save_vqgan(model, os.path.join(out_dir, 'ckpt.pt'), iter_num=it, train_config=asdict(cfg), metrics=metrics)
-
-    show = val_x[:16]  # the images in every reconstruction PNG
-    start = evaluate(model.eval(), val_x[:cfg.eval_images])
-    model.train()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    hits = torch.zeros(cfg.codebook_size, dtype=torch.long, device=device)  # code use since the last restart
-    restarted = 0
-    bar = tqdm(range(cfg.max_iters), desc='vqgan', disable=not progress)
-    for it in bar:
-        for group in opt.param_groups:
-            group['lr'] = lr_at(it)
-        x = uint8_to_float(train_images[torch.randint(N, (cfg.batch_size,), generator=gen)]).to(device)
-        recon, vq, codes = model(x)                                      # (B, 3, H, W), (B, h*w)
-        hits += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
-        rec = F.mse_loss(recon, x) if cfg.recon_loss == 'l2' else F.l1_loss(recon, x)
-        nll = rec + (cfg.perceptual_weight * lpips_fn(recon, x).mean() if lpips_fn else 0.0)
-        loss = nll + cfg.codebook_weight * (vq['codebook'] + vq['commitment'])
-        gan_on = use_gan and it >= cfg.disc_start
-        if gan_on:  # generator side of the hinge loss: make D call the reconstruction real
-            g_loss = -disc(recon).mean()
-            weight = cfg.disc_weight
-            if cfg.disc_adaptive:  # balance the two gradients at the last layer (taming's VQGAN)
-                last = model.decoder.last_layer
-                g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
-                g_gan = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
-                weight = weight * (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
-            loss = loss + weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if gan_on:  # discriminator side: hinge on real images vs detached reconstructions
-            d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        if cfg.restart_interval and (it + 1) % cfg.restart_interval == 0:
-            if it + 1 <= cfg.restart_until * cfg.max_iters:
-                restarted += restart_dead_codes(model, x, hits)
-            hits.zero_()
-        if it % 20 == 0:
-            bar.set_postfix(rec=f'{rec.item():.4f}', vq=f'{(vq["codebook"] + vq["commitment"]).item():.4f}',
-                            usage=f'{model.quantize.window_usage():.2f}', restarted=restarted)
-        if (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
-            m = evaluate(model.eval(), val_x[:cfg.eval_images])
-            tqdm.write(f'iter {it + 1}: val mse {m["mse"]:.5f}, usage {m["usage"]:.3f}, '
-                       f'perplexity {m["perplexity"]:.1f}')
-            save_recon_grid(model, show, os.path.join(out_dir, f'recon_{it + 1:05d}.png'))
-            checkpoint(it + 1, m)
-            model.train()
-    model.eval()
-    seconds = time.time() - t0
-    final = evaluate(model, val_x) | dict(start_mse=start['mse'], train_seconds=seconds)
-    save_recon_grid(model, show, os.path.join(out_dir, 'recon.png'))
-    checkpoint(cfg.max_iters, final)
-    ckpt, psnr = os.path.join(out_dir, 'ckpt.pt'), 10 * math.log10(4 / final['mse'])  # pixel range 2 -> peak^2 = 4
-    print(f'trained {cfg.max_iters} iters in {seconds:.0f}s (all included). val ({len(val_x)} images): '
-          f'reconstruction mse {final["mse"]:.5f} (start {start["mse"]:.4f}, PSNR {psnr:.1f} dB), '
-          f'codebook usage {final["usage"]:.3f} ({round(final["usage"] * cfg.codebook_size)}/'
-          f'{cfg.codebook_size}), perplexity {final["perplexity"]:.1f}\nsaved {ckpt} and '
-          f'{os.path.join(out_dir, "recon.png")}')
-    return final | dict(ckpt=ckpt)
-
-
-if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from configurator import configure
-    config = configure(TrainConfig(), sys.argv[1:])
-    print(config)
-    train(config)

@@ -70,7 +70,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 class EncodeConfig:
     # The settings every image-folder prepare step shares; data/<name>/prepare.py extends this with its inputs.
     out_dir: str = ''                        # where the prepared arrays go (data/<name>/ by default)
-    vqgan: str = 'weights/vq_ds16_c2i.pt'    # image tokenizer: LlamaGen's vq_ds16_*.pt or a `python vqgan.py` ckpt
+    vqgan: str = 'weights/vq_ds16_c2i.pt'    # image tokenizer: LlamaGen's vq_ds16_*.pt or a train_tokenizer.py ckpt
     image_size: int = 256                    # side of the centre crop; codes grid = image_size / downsample
     teacher: str = ''                        # a saved teacher file (Teacher.save); when set, teacher_name is unused
     teacher_name: str = 'ViT-B-16'           # open_clip model name, or 'hf-hub:...' (e.g. BiomedCLIP)

@@ -230,7 +230,8 @@ def prepare_steps(cfg, world, kind):
               f'--vqgan={cfg.vqgan}', f'--teacher_kind={kind}'] + text
     if kind != 'scene':
         path = teacher_path(cfg, world, kind)
-        steps.append(('teacher', [py, 'teacher.py', f'--data_dir={d}', f'--out_dir={os.path.dirname(path)}'] +
+        steps.append(('teacher', [py, 'data/shapes/train_teacher.py', f'--data_dir={d}',
+                                  f'--out_dir={os.path.dirname(path)}'] +
                       (['--preset=strong'] if kind == 'clip_strong' else []) +
                       ([f'--context_length={TEXT_LEN}'] if world == 'plan' else []), os.path.exists(path)))
         encode.append(f'--teacher={path}')
@@ -245,8 +246,8 @@ def needed_data(runs):
 def prepare_data(cfg, runs):
     """Run the prepare steps still missing for the planned cells, then measure each world's tokenizer ceiling."""
     if not os.path.exists(cfg.vqgan):
-        raise SystemExit(f'--vqgan={cfg.vqgan} not found: train the shapes tokenizer first (python vqgan.py '
-                         f'--dataset=shapes) or point --vqgan at one')
+        raise SystemExit(f'--vqgan={cfg.vqgan} not found: train the shapes tokenizer first (python '
+                         f'data/shapes/train_tokenizer.py) or point --vqgan at one')
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     for world, kind in needed_data(runs):
         for name, cmd, done in prepare_steps(cfg, world, kind):

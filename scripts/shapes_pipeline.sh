@@ -30,10 +30,11 @@ python data/shapes/prepare.py --out_dir="$DATA_DIR" ${RENDER_ARGS:-}
 # The tokenizer and the teacher learn from the images alone, not from each other: train them side by side, one
 # thread each. The teacher shows its progress here; the tokenizer writes to $OUT/tokenizer.log (summary below).
 echo "== tokenizer: training in the background, log in $OUT/tokenizer.log"
-OMP_NUM_THREADS=1 step tokenizer python vqgan.py --data_dir="$DATA_DIR" --out_dir="$OUT/vqgan_shapes" ${VQ_ARGS:-} \
-    > "$OUT/tokenizer.log" 2>&1 &
+OMP_NUM_THREADS=1 step tokenizer python data/shapes/train_tokenizer.py --data_dir="$DATA_DIR" \
+    --out_dir="$OUT/vqgan_shapes" ${VQ_ARGS:-} > "$OUT/tokenizer.log" 2>&1 &
 tokenizer=$!
-OMP_NUM_THREADS=1 step teacher python teacher.py --data_dir="$DATA_DIR" --out_dir="$OUT/teacher_shapes" ${TEACHER_ARGS:-}
+OMP_NUM_THREADS=1 step teacher python data/shapes/train_teacher.py --data_dir="$DATA_DIR" \
+    --out_dir="$OUT/teacher_shapes" ${TEACHER_ARGS:-}
 wait $tokenizer || { tail -n 20 "$OUT/tokenizer.log"; exit 1; }
 grep -E '^(== |trained|saved)' "$OUT/tokenizer.log" || true
 python data/shapes/prepare.py --stage=encode --out_dir="$DATA_DIR" ${RENDER_ARGS:-} \

@@ -40,7 +40,7 @@ def tiny_vqgan(path, seed=0):
 def make_tiny_dataset(data_dir, vqgan_path, text_tokenizer=None):
     """Write {train,val}_{codes,text,teacher}.bin, captions and meta.json for the 12-caption world, the captions in
     text_tokenizer (a data.common.TextTokenizer; default open_clip's BPE)."""
-    from data.common import tokenize_captions, open_for_write, write_meta, open_clip_tokenizer
+    from data.common import tokenize_captions, write_split, write_meta, open_clip_tokenizer
     from vqgan import vqgan_identity
     text_tokenizer = text_tokenizer or open_clip_tokenizer()
     os.makedirs(data_dir, exist_ok=True)
@@ -53,15 +53,9 @@ def make_tiny_dataset(data_dir, vqgan_path, text_tokenizer=None):
     for split, n, offset in (('train', TINY['n_train'], 0), ('val', TINY['n_val'], 5)):
         which = (np.arange(n) + offset) % len(CAPTIONS)
         captions = [CAPTIONS[k] for k in which]
-        arrays = dict(codes=code_table[which], text=tokenize_captions(captions, TINY['text_len'],
-                                                                      tokenizer=text_tokenizer),
-                      teacher=teacher_table[which].astype(np.float16))
-        for name, a in arrays.items():
-            out = open_for_write(data_dir, split, name, a.shape, a.dtype)
-            out[:] = a
-            out.flush()
-        with open(os.path.join(data_dir, f'{split}_captions.txt'), 'w') as f:
-            f.write('\n'.join(captions) + '\n')
+        write_split(data_dir, split, dict(codes=code_table[which],
+                                          text=tokenize_captions(captions, TINY['text_len'], tokenizer=text_tokenizer),
+                                          teacher=teacher_table[which].astype(np.float16)), captions)
         splits[split] = n
     meta = dict(dataset='tiny', splits=splits, n_train=splits['train'], n_val=splits['val'],
                 image_size=TINY['image_size'], grid=[TINY['grid']] * 2, image_tokens=T, codebook_size=K,
@@ -84,6 +78,23 @@ def tiny_data(tmp_path_factory):
 def tiny_data_copy(tiny_data, tmp_path):
     """A private copy of the tiny dataset that a test may modify."""
     return shutil.copytree(tiny_data, str(tmp_path / 'tiny'))
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models on a shared 2-core machine: syncing two threads costs far more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def shapes32():
+    """32 rendered shapes scenes at 32 px: uint8 (32, 32, 32, 3) images and 32 captions, one contrastive batch."""
+    from data.shapes.world import make_split
+    _, images, captions = make_split(32, seed=7, image_size=32)
+    return images, captions
 
 
 def free_port():

@@ -56,6 +56,7 @@ def plain_state_dict(model):
 # ------------------------------------------------------------------------------------------------ the network
 
 def test_state_dict_names_and_shapes_equal_the_standard_file(net):
+    """The pytorch-fid weights file loads strictly only if all 472 names and shapes are the file's."""
     with open(KEYS_FILE) as f:
         expected = json.load(f)
     ours = {k: list(v.shape) for k, v in plain_state_dict(net).items()}
@@ -65,6 +66,7 @@ def test_state_dict_names_and_shapes_equal_the_standard_file(net):
 
 
 def test_expected_keys_match_torchvision_skeleton():
+    """The recorded key list is torchvision's Inception (1008 classes), checked independently of our network."""
     torchvision = pytest.importorskip('torchvision')
     tv = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
     tv_shapes = {k: list(v.shape) for k, v in tv.state_dict().items() if not k.endswith('num_batches_tracked')}
@@ -118,12 +120,14 @@ def test_forward_matches_torchvision_with_pytorch_fid_patches(net, no_onednn):
 
 
 def test_preprocessing_is_pytorch_fids():
+    """FID values compare across tools only with pytorch-fid's resize to 299 and scaling to [-1, 1]."""
     x = torch.rand(2, 3, 32, 48)
     expected = 2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1
     assert torch.equal(fid.FIDInceptionV3.preprocess(x), expected)
 
 
 def test_random_init_forward_gives_pool3_features(net, no_onednn):
+    """The network gives finite 2048-d pool3 features and refuses [-1, 1] images, a common mistake."""
     with torch.no_grad():
         out = net(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 2048) and torch.isfinite(out).all()
@@ -134,6 +138,7 @@ def test_random_init_forward_gives_pool3_features(net, no_onednn):
 # ------------------------------------------------------------------------------------------------ the weights
 
 def test_weights_file_loads_strictly_without_num_batches_tracked(net, tmp_path):
+    """The real file has no BatchNorm counters; a strict load must still succeed, and a re-saved copy too."""
     state = plain_state_dict(net)
     assert len(state) == 472 and type(state) is dict
     path = str(tmp_path / fid.FID_WEIGHTS_NAME)
@@ -157,6 +162,7 @@ def test_weights_file_loads_strictly_without_num_batches_tracked(net, tmp_path):
 
 
 def test_missing_weights_give_a_clear_error_without_network(tmp_path, monkeypatch):
+    """Offline, missing weights name the URL, the cache path and the flag, without trying forever."""
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     assert fid.default_weights_path().startswith(str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
@@ -174,6 +180,7 @@ def test_missing_weights_give_a_clear_error_without_network(tmp_path, monkeypatc
 
 
 def test_download_goes_to_the_hub_cache(net, tmp_path, monkeypatch):
+    """A download lands where pytorch-fid and torch.hub look for the file, so it happens once."""
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     calls = []
 
@@ -190,6 +197,7 @@ def test_download_goes_to_the_hub_cache(net, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ Frechet distance
 
 def test_identical_statistics_give_zero():
+    """A set compared with itself has distance 0."""
     rng = np.random.default_rng(0)
     mu, sigma = random_stats(rng, 500, 64)
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
@@ -198,6 +206,7 @@ def test_identical_statistics_give_zero():
 
 
 def test_equal_covariances_give_squared_mean_distance():
+    """With equal covariances the trace terms cancel: the distance is |mu1 - mu2|^2."""
     rng = np.random.default_rng(1)
     mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
     expected = float(np.sum((mu1 - mu2) ** 2))
@@ -208,6 +217,7 @@ def test_equal_covariances_give_squared_mean_distance():
 
 @pytest.mark.parametrize('n1,n2', [(500, 300), (40, 40), (40, 500), (10, 25)])
 def test_fast_path_equals_sqrtm_reference(n1, n2):
+    """The eigen route equals scipy's sqrtm formula, for well- and ill-conditioned sets."""
     rng = np.random.default_rng(n1 * 1000 + n2)
     mu1, s1 = random_stats(rng, n1, 64)
     mu2, s2 = random_stats(rng, n2, 64, shift=0.3)
@@ -221,6 +231,7 @@ def test_fast_path_equals_sqrtm_reference(n1, n2):
 
 
 def test_invalid_statistics_are_rejected():
+    """Statistics of mismatched sizes or non-square covariances are refused by name."""
     rng = np.random.default_rng(2)
     mu, sigma = random_stats(rng, 200, 16)
     with pytest.raises(ValueError, match='mismatched'):
@@ -234,6 +245,7 @@ def test_invalid_statistics_are_rejected():
 
 
 def test_nonfinite_trace_retries_with_eps(monkeypatch):
+    """A non-finite trace retries with eps on the diagonal, as pytorch-fid does, and stays close to exact."""
     rng = np.random.default_rng(3)
     mu1, s1 = random_stats(rng, 200, 16)
     mu2, s2 = random_stats(rng, 200, 16)
@@ -256,6 +268,7 @@ def test_nonfinite_trace_retries_with_eps(monkeypatch):
 # ------------------------------------------------------------------------------------------------ statistics
 
 def test_compute_statistics_is_float64_unbiased():
+    """Statistics are float64 with the unbiased covariance, as the reference implementations compute them."""
     x = np.random.default_rng(4).standard_normal((30, 5)).astype(np.float32)
     mu, sigma = fid.compute_statistics(x)
     assert mu.dtype == sigma.dtype == np.float64
@@ -267,6 +280,7 @@ def test_compute_statistics_is_float64_unbiased():
 
 
 def test_folder_statistics_equal_direct_computation(tmp_path):
+    """A folder of PNGs gives the statistics of its images fed directly."""
     images = np.random.default_rng(5).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
     folder = write_pngs(tmp_path / 'imgs', images)
     mu, sigma = fid.activation_statistics(folder, mean_std_features, batch_size=3, progress=False)
@@ -280,6 +294,7 @@ def test_folder_statistics_equal_direct_computation(tmp_path):
 
 
 def test_bad_files_are_skipped_and_empty_folders_rejected(tmp_path):
+    """Non-image files are skipped with a warning; a folder with no image is an error."""
     images = np.random.default_rng(6).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     folder = write_pngs(tmp_path / 'imgs', images)
     (tmp_path / 'imgs' / '002_broken.png').write_bytes(b'not a png at all')
@@ -299,6 +314,7 @@ def test_bad_files_are_skipped_and_empty_folders_rejected(tmp_path):
 
 
 def test_npz_round_trip_in_pytorch_fid_format(tmp_path):
+    """Saved statistics use pytorch-fid's .npz keys, so they can be exchanged with it."""
     mu, sigma = random_stats(np.random.default_rng(7), 50, 8)
     path = str(tmp_path / 'stats.npz')
     fid.save_statistics(path, mu, sigma)
@@ -314,6 +330,7 @@ def test_npz_round_trip_in_pytorch_fid_format(tmp_path):
 # ------------------------------------------------------------------------------------------------ command line
 
 def test_cli_on_two_folders_prints_fid_last(tmp_path, capsys):
+    """The command line prints the FID as its last line, for scripts to read."""
     rng = np.random.default_rng(8)
     a = write_pngs(tmp_path / 'a', rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8))
     b = write_pngs(tmp_path / 'b', rng.integers(0, 200, (9, 8, 8, 3), dtype=np.uint8))
@@ -334,6 +351,7 @@ def test_cli_on_two_folders_prints_fid_last(tmp_path, capsys):
 
 
 def test_cli_script_on_npz_files_needs_no_weights(tmp_path):
+    """Two statistics files need no network and no Inception weights."""
     rng = np.random.default_rng(9)
     s1, s2 = random_stats(rng, 100, 16), random_stats(rng, 100, 16, shift=0.5)
     p1, p2 = str(tmp_path / 'one.npz'), str(tmp_path / 'two.npz')

@@ -195,8 +195,8 @@ def test_shapes_encode_with_the_llm_tokenizer(tiny_llm, tmp_path):
     """`prepare.py --stage=encode --text_tokenizer=DIR` writes the captions in the LLM's tokenizer and records it
     (and the command) in meta.json; switching back to open_clip re-encodes instead of skipping."""
     from dataclasses import replace
-    from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset, load_split
-    from data.common import PreparedSplit
+    from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset
+    from data.common import PreparedSplit, load_split
     from teacher import Teacher
     from vqgan import VQConfig, VQModel, save_vqgan
     d = str(tmp_path / 'shapes')

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import model as model_module
@@ -57,26 +56,53 @@ class LogitRecorder:
         return sample_from_logits(logits, *args, **kwargs)
 
 
-def test_forward_shapes_and_loss():
+def test_forward_returns_logits_and_aligned_states_of_the_documented_shapes():
+    """The training loop and the loss read these shapes: (B, T, V) logits, (B, P, d) aligned states, scalar losses."""
     m = make_model(teacher_dim=24)
     c = m.config
-    text, codes = prompt([[1, 2, 3], [4]], c.text_len), random_codes(2, c)
-    out = m(text, codes, teacher=torch.randn(2, 24))
+    out = m(prompt([[1, 2, 3], [4]], c.text_len), random_codes(2, c), teacher=torch.randn(2, 24))
     assert out.logits.shape == (2, c.image_tokens, c.codebook_size)
     assert out.align_hidden.shape == (2, c.image_tokens, c.n_embd)
     assert out.loss.dim() == 0 and out.align_loss.dim() == 0
-    ref = F.cross_entropy(out.logits.reshape(-1, c.codebook_size), codes.reshape(-1))
-    torch.testing.assert_close(out.loss, ref)
-    assert m(text, codes).align_loss is None
-    with pytest.raises(ValueError, match='teacher_dim'):
-        make_model()(text, codes, teacher=torch.randn(2, 24))
-    with pytest.raises(ValueError, match='text_len=8'):
-        m(prompt([[1]], 10), codes[:1])
+
+
+def test_loss_is_cross_entropy_of_the_logits_against_the_codes():
+    """out.loss must be exactly next-code CE over the T image targets (text is never a target)."""
+    m = make_model()
+    c = m.config
+    codes = random_codes(2, c)
+    out = m(prompt([[1, 2, 3], [4]], c.text_len), codes)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.reshape(-1, c.codebook_size), codes.reshape(-1)))
+
+
+def test_no_teacher_means_no_alignment_loss():
+    """Inference and eval without teacher features must not need a projector or a target."""
+    m = make_model(teacher_dim=24)
+    assert m(prompt([[1]], m.config.text_len), random_codes(1, m.config)).align_loss is None
+
+
+def test_a_teacher_for_a_model_without_projector_is_refused():
+    """teacher_dim=0 builds no projector; passing features anyway is a caller bug, caught at once."""
+    m = make_model()
+    with pytest.raises(AssertionError, match='teacher_dim=0'):
+        m(prompt([[1]], m.config.text_len), random_codes(1, m.config), teacher=torch.randn(1, 24))
+
+
+def test_text_of_another_length_is_refused():
+    """The rotary tables and masks are sized for text_len: other text would be silently misplaced."""
+    m = make_model()
+    with pytest.raises(AssertionError, match='text'):
+        m(prompt([[1]], 10), random_codes(1, m.config))
+
+
+def test_config_rejects_an_align_layer_beyond_the_model():
+    """A config error names the field and the fix before any weight is built."""
     with pytest.raises(ValueError, match='align_layer'):
         GPT(GPTConfig(**{**TINY, 'align_layer': 3}))
 
 
 def test_causality():
+    """Logits at image position i may depend only on codes before i, and on the prompt: what autoregression needs."""
     m = make_model()
     c = m.config
     text, codes = prompt([[1, 2, 3], [4, 5]], c.text_len), random_codes(2, c)
@@ -93,6 +119,8 @@ def test_causality():
 
 
 def test_pad_length_invariance():
+    """Left padding must not change any output: the same prompt with more pads (a longer text_len), another row in
+    the batch, or guided sampling (whose empty captions also differ in pad count) give the same numbers."""
     short = make_model(text_len=8)
     long = make_model(text_len=13)
     long.load_state_dict(short.state_dict(), strict=True)  # no weight depends on text_len
@@ -112,6 +140,7 @@ def test_pad_length_invariance():
 
 
 def test_pad_positions_stay_finite():
+    """A pad query sees only itself, so no attention row is empty and no NaN reaches any block output."""
     m = make_model()
     seen = []
     hooks = [blk.register_forward_hook(lambda mod, inp, out: seen.append(out)) for blk in m.blocks]
@@ -122,6 +151,8 @@ def test_pad_positions_stay_finite():
 
 
 def test_attention_mask_rows():
+    """The mask is causal, hides pad keys from real queries, keeps the diagonal, and a decode step's row is the last
+    row of the full mask (what makes the KV cache equal to recomputation)."""
     m = make_model()
     text = prompt([[1, 2, 3], [4]], m.config.text_len)  # 3 and 5 left pads
     key_valid = m._key_valid(text, 2)                   # (2, L + 2)
@@ -141,6 +172,7 @@ def test_attention_mask_rows():
 @pytest.mark.parametrize('cfg_scale,top_k,top_p', [(1.0, None, None), (3.0, None, None), (1.0, 10, 0.9),
                                                    (2.0, 8, 0.8)])
 def test_kv_cache_equals_full_recompute(monkeypatch, cfg_scale, top_k, top_p):
+    """The cached path is an optimisation only: same logits at every step, same codes, with and without guidance."""
     m = make_model()
     text = prompt([[1, 2, 3, 4], [5], [6, 7]], m.config.text_len)
     runs = {}
@@ -185,6 +217,7 @@ def test_generate_matches_a_sampling_loop_over_forward(monkeypatch, cfg_scale):
 
 
 def test_generate_is_seeded():
+    """The generator alone decides the draws: the same seed repeats the codes, another seed changes them."""
     m = make_model()
     text = prompt([[1, 2], [3]], m.config.text_len)
     run = lambda seed: m.generate(text, cfg_scale=2.0, top_p=0.95, generator=torch.Generator().manual_seed(seed))
@@ -195,6 +228,7 @@ def test_generate_is_seeded():
 
 
 def test_generate_runs_without_dropout_and_restores_mode():
+    """Sampling a model in train mode (as train.py's eval grid does) must not apply dropout nor leave eval mode on."""
     m = make_model(dropout=0.5).train()
     c = m.config
     text, codes = prompt([[1, 2]], c.text_len), random_codes(1, c)
@@ -206,6 +240,7 @@ def test_generate_runs_without_dropout_and_restores_mode():
 
 @pytest.mark.parametrize('align_layer,positions', [(1, 'hybnext'), (2, 'hybnext'), (1, 'rep'), (3, 'rep')])
 def test_align_hidden_comes_from_configured_layer_and_positions(align_layer, positions):
+    """ARRA aligns the output of block align_layer at BOI .. c_{T-2} (hybnext) or BOI alone (rep), nothing else."""
     m = make_model(n_layer=3, align_layer=align_layer, align_positions=positions)
     c = m.config
     outputs = {}
@@ -223,23 +258,39 @@ def test_align_hidden_comes_from_configured_layer_and_positions(align_layer, pos
             assert (h[:, L:L + P] - out.align_hidden).abs().max() > 1e-3
 
 
-def test_alignment_loss_values():
-    torch.manual_seed(0)
-    target = torch.randn(3, 16)
-    scales = torch.rand(3, 5, 1) * 10 + 0.1                   # any positive scale per position
+def test_alignment_loss_is_zero_along_the_target_whatever_the_length():
+    """1 - cos ignores the projection's length: a projection along the teacher vector costs nothing."""
+    target = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    scales = torch.rand(3, 5, 1, generator=torch.Generator().manual_seed(1)) * 10 + 0.1
     assert alignment_loss(target[:, None, :] * scales, target).abs() < 1e-6
+
+
+def test_alignment_loss_is_two_when_opposite_and_one_when_orthogonal():
+    """The loss spans [0, 2] like 1 - cos: 2 for the opposite direction, 1 for an orthogonal one."""
+    target = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
     assert abs(alignment_loss(-target[:, None, :].expand(3, 5, 16), target).item() - 2.0) < 1e-6
     ortho = torch.zeros(2, 4, 2)
     ortho[..., 1] = 1.0
     assert abs(alignment_loss(ortho, torch.tensor([[3.0, 0.0], [0.5, 0.0]])).item() - 1.0) < 1e-6
-    projected = torch.randn(3, 5, 16)
+
+
+def test_alignment_loss_is_one_minus_the_mean_cosine():
+    """Against torch's cosine_similarity, averaged over positions and then over the batch (the paper's formula)."""
+    torch.manual_seed(0)
+    projected, target = torch.randn(3, 5, 16), torch.randn(3, 16)
     ref = 1 - torch.stack([F.cosine_similarity(projected[b], target[b][None], dim=-1).mean() for b in range(3)]).mean()
     torch.testing.assert_close(alignment_loss(projected, target), ref)
-    with pytest.raises(ValueError, match='teacher_dim'):
-        alignment_loss(projected, torch.randn(3, 8))
+
+
+def test_alignment_loss_refuses_a_teacher_of_another_width():
+    """A teacher_dim that does not match the prepared features is a setup bug and must not broadcast silently."""
+    with pytest.raises(AssertionError, match='teacher_dim'):
+        alignment_loss(torch.randn(3, 5, 16), torch.randn(3, 8))
 
 
 def test_alignment_gradients_reach_projector_and_early_blocks_only():
+    """The alignment term trains the projector and the blocks up to align_layer; the teacher is a fixed target and
+    later blocks and the head do not feed the aligned state."""
     m = make_model(sharpen=False, n_layer=3, align_layer=2, teacher_dim=24, projector_hidden=40)
     assert isinstance(m.projector, Projector) and m.projector.fc1.out_features == 40
     c = m.config
@@ -259,6 +310,7 @@ def test_alignment_gradients_reach_projector_and_early_blocks_only():
 
 
 def test_loss_drops_on_memorised_batch():
+    """CE + alignment can be optimised jointly: both fall far on a batch seen 60 times."""
     torch.manual_seed(0)
     m = GPT(GPTConfig(**TINY, teacher_dim=16)).train()
     c = m.config
@@ -284,28 +336,44 @@ LLAMAGEN_SIZES = {'B': 111e6, 'L': 343e6, 'XL': 775e6, 'XXL': 1.4e9}
 
 @pytest.mark.parametrize('name', list(LLAMAGEN_SIZES))
 def test_preset_body_counts_match_llamagen(name):
+    """The presets are LlamaGen's GPT-B/L/XL/XXL: body counts within 2% of its published sizes."""
     with torch.device('meta'):  # shapes only: no memory, no init time
         m = GPT(preset_config(name, codebook_size=16384, image_tokens=256))
     body = m.num_params(body_only=True)
     assert abs(body / LLAMAGEN_SIZES[name] - 1) < 0.02, f'{name}: {body / 1e6:.1f}M'
 
 
-def test_param_counts_analytic():
+def test_body_param_count_matches_the_formula():
+    """num_params(body_only=True) counts blocks, final norm, code embedding and head, computed here by hand."""
     c = GPTConfig(**TINY, teacher_dim=24)
-    m = GPT(c)
     d, h, V = c.n_embd, ffn_hidden_dim(c.n_embd), c.codebook_size
     per_block = 4 * d * d + 3 * d * h + 2 * d          # wqkv + wo, w1 w2 w3, two norm weights
-    body = c.n_layer * per_block + d + 2 * V * d       # + final norm, code embedding, head
-    assert m.num_params(body_only=True) == body
+    assert GPT(c).num_params(body_only=True) == c.n_layer * per_block + d + 2 * V * d
+
+
+def test_param_count_leaves_out_the_projector():
+    """num_params() is what sampling uses: body, text table, BOI and image positions; the training-only projector
+    is not in it."""
+    c = GPTConfig(**TINY, teacher_dim=24)
+    m, d = GPT(c), c.n_embd
     positions = (c.image_tokens // c.image_width + c.image_width) * d                     # row + column tables
-    assert m.num_params() == body + c.text_vocab_size * d + d + positions  # + text table, BOI; projector excluded
+    assert m.num_params() == m.num_params(body_only=True) + c.text_vocab_size * d + d + positions
     assert sum(p.numel() for p in m.parameters()) == m.num_params() + (d * 24 + 24) + (24 * 24 + 24)
+
+
+def test_ffn_width_is_llamagens():
+    """SwiGLU width 2/3 of 4d rounded up to 256: 2048 for d=768 and 2816 for d=1024, as LlamaGen's GPT-B and L."""
     assert ffn_hidden_dim(768) == 2048 and ffn_hidden_dim(1024) == 2816
+
+
+def test_unknown_preset_is_a_clear_error():
+    """A typo in --model must name the valid presets."""
     with pytest.raises(ValueError, match='unknown GPT preset'):
         preset_config('M')
 
 
 def test_configure_optimizers_groups(capsys):
+    """Decay on matrices only, and a frozen projector (the align_weight=0 baseline) is not in the optimizer."""
     m = make_model(sharpen=False, teacher_dim=24)
     m.projector.requires_grad_(False)                 # the align_weight=0 baseline freezes it
     opt = m.configure_optimizers(weight_decay=0.05, learning_rate=1e-4, betas=(0.9, 0.95), device_type='cpu')
@@ -320,6 +388,7 @@ def test_configure_optimizers_groups(capsys):
 
 
 def test_flops_estimate_matches_counted_flops():
+    """The analytic FLOP count behind MFU agrees with torch's counter on a forward + backward within 5%."""
     from torch.utils.flop_counter import FlopCounterMode
     m = make_model(sharpen=False, teacher_dim=24).train()
     c = m.config
@@ -331,20 +400,50 @@ def test_flops_estimate_matches_counted_flops():
     assert m.estimate_mfu(fwdbwd_per_iter=8, dt=2.0, peak_flops=1e9) == pytest.approx(estimated * 8 / 2.0 / 1e9)
 
 
-def test_sample_from_logits_filters():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).expand(4000, 4)
-    draw = lambda **kw: set(sample_from_logits(logits, generator=gen, **kw).flatten().tolist())
-    assert draw(top_k=1) == {1}
-    assert draw(top_k=2) == {1, 3}
+LOGITS = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).expand(4000, 4)
+
+
+def draw(**kw):
+    return set(sample_from_logits(LOGITS, generator=torch.Generator().manual_seed(0), **kw).flatten().tolist())
+
+
+def test_top_k_keeps_the_k_most_likely_codes():
+    """top_k=k draws only among the k largest logits."""
+    assert draw(top_k=1) == {1} and draw(top_k=2) == {1, 3} and draw() == {0, 1, 2, 3}
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    """The nucleus stops as soon as its mass reaches top_p, and the most likely code always stays."""
     assert draw(top_p=0.8) == {1, 3}          # 0.5 + 0.3 reaches 0.8: the nucleus stops there
     assert draw(top_p=0.81) == {1, 3, 2}
-    assert draw(top_p=0.01) == {1}            # the most likely token always survives
-    assert draw() == {0, 1, 2, 3}
-    counts = torch.bincount(sample_from_logits(logits, temperature=100.0, generator=gen).flatten(), minlength=4)
-    assert counts.min() > 800                 # a high temperature flattens the distribution
+    assert draw(top_p=0.01) == {1}
+
+
+def test_a_high_temperature_flattens_the_distribution():
+    """Dividing the logits by a large temperature makes all codes nearly equally likely."""
+    counts = torch.bincount(sample_from_logits(LOGITS, temperature=100.0, generator=torch.Generator().manual_seed(0))
+                            .flatten(), minlength=4)
+    assert counts.min() > 800
+
+
+def test_an_empty_nucleus_is_refused():
+    """top_p=0 would keep nothing: a clear error instead of a crash inside multinomial."""
     with pytest.raises(ValueError, match='top_p'):
-        sample_from_logits(logits, top_p=0.0)
+        sample_from_logits(LOGITS, top_p=0.0)
+
+
+def test_generate_gives_identical_codes_with_the_projector_deleted():
+    """ARRA's claim: inference is the base model's. A model whose (large, random) projector is removed, rebuilt as
+    teacher_dim=0 from the same weights, samples exactly the same codes, so generate never touches the projector."""
+    m = make_model(teacher_dim=24)
+    with torch.no_grad():
+        for p in m.projector.parameters():
+            p.normal_(0.0, 10.0)                  # any use of the projector would now change the logits a lot
+    base = GPT(GPTConfig(**TINY))
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith('projector.')}, strict=True)
+    text = prompt([[1, 2, 3], [4]], m.config.text_len)
+    run = lambda model: model.generate(text, cfg_scale=2.0, generator=torch.Generator().manual_seed(7))  # noqa: E731
+    assert torch.equal(run(m), run(base.eval()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

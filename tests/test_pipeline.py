@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_shapes_pipeline_end_to_end(tmp_path):
+    """The Quickstart's steps run as scripts/demo.sh runs them and leave every artefact of the contract;
+    a second run reuses every finished step."""
     data, out = tmp_path / 'shapes', tmp_path / 'out'
     env = dict(os.environ, DATA_DIR=str(data), OUT=str(out), OMP_NUM_THREADS='1',
                RENDER_ARGS='--n_train=256 --n_val=64',

@@ -97,6 +97,7 @@ def reference(world):
 
 
 def test_center_crop_follows_the_adm_procedure():
+    """ImageNet FID references use ADM's centre crop; our crops must be the same pixels."""
     rng = np.random.default_rng(1)
     small = rng.integers(0, 256, (S, S, 3), dtype=np.uint8)
     # 4x bigger made of constant 4x4 blocks: two box halvings give the small image back exactly, then no resize
@@ -112,6 +113,7 @@ def test_center_crop_follows_the_adm_procedure():
 
 
 def test_class_name_files():
+    """The 1000 class names and wnids are in the same order, one per line, so prompts match labels."""
     names = read_class_names()
     wnids = open(os.path.join(REPO_ROOT, 'data', 'imagenet', 'wnids.txt')).read().split()
     classes = open(os.path.join(REPO_ROOT, 'data', 'imagenet', 'classes.txt')).read().splitlines()
@@ -121,6 +123,7 @@ def test_class_name_files():
 
 
 def test_imagenet_arrays_match_contract_and_direct_encoding(world, reference):
+    """The prepared arrays have the contract's shapes and equal direct tokenizer / teacher calls."""
     out, meta = reference['out'], read_meta(reference['out'])
     assert reference['result']['meta'] == meta and not reference['result']['interrupted']
     train_dir = world['dir'] / 'train'
@@ -173,6 +176,7 @@ def _free_port():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_bytes(world, reference):
+    """Preparation split over 2 ranks writes the bytes 1 rank writes."""
     out = str(world['dir'] / 'torchrun2')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
            os.path.join('data', 'imagenet', 'prepare.py'), *imagenet_args(world, out)]
@@ -188,6 +192,7 @@ def test_torchrun_two_processes_write_the_same_bytes(world, reference):
 
 
 def test_interrupted_preparation_resumes_to_the_same_bytes(world, reference):
+    """An interrupted preparation resumes from its shards to the bytes of an uninterrupted one."""
     out = str(world['dir'] / 'resumed')
     first = run_imagenet(world, out, '--stop_after_shards=1')
     assert first['interrupted'] and first['meta'] is None and first['encoded_shards'] == {'train': 1, 'val': 0}
@@ -211,6 +216,7 @@ def test_interrupted_preparation_resumes_to_the_same_bytes(world, reference):
 
 
 def test_folder_with_jsonl_and_csv_captions(world):
+    """Both caption formats give the same prepared folder; unreadable images are skipped and listed."""
     d = world['dir']
     records = [(f'sub/p{k}.png', f'photo number {k}\nsecond  line') for k in range(6)] + [('sub/missing.png', 'gone')]
     with open(d / 'photos' / 'captions.jsonl', 'w') as f:
@@ -251,6 +257,7 @@ def test_folder_with_jsonl_and_csv_captions(world):
 
 
 def test_bad_inputs_name_the_fix(world, tmp_path):
+    """Malformed caption files and missing flags get errors that name the fix."""
     bad_csv = tmp_path / 'c.csv'
     bad_csv.write_text('file,text\na.png,hi\n')
     with pytest.raises(ValueError, match='path and caption'):

@@ -28,6 +28,7 @@ def run(ckpt, tmp_path, *extra, name='grid.png'):
 
 
 def test_same_seed_same_png_bytes_and_other_seeds_differ(tiny_ckpt, tmp_path):
+    """Sampling is reproducible: the seed alone decides the images, byte for byte."""
     args = ['--prompt', 'a red circle', '--prompt', 'a blue square', '--num_samples=3']
     a, _ = run(tiny_ckpt, tmp_path, *args, '--seed=1', name='a.png')
     b, _ = run(tiny_ckpt, tmp_path, *args, '--seed=1', name='b.png')
@@ -37,6 +38,7 @@ def test_same_seed_same_png_bytes_and_other_seeds_differ(tiny_ckpt, tmp_path):
 
 
 def test_grid_layout_and_per_sample_files(tiny_ckpt, tmp_path):
+    """One grid row per prompt with its caption, and each tile is the per-sample PNG, upscaled."""
     prompts, n, scale = ['a red circle', 'a green triangle', 'a yellow square'], 2, 3
     grid, files = run(tiny_ckpt, tmp_path, *[a for p in prompts for a in ('--prompt', p)], f'--num_samples={n}',
                       f'--scale={scale}', f'--out_dir={tmp_path / "each"}', '--batch_size=4')
@@ -60,6 +62,7 @@ def test_grid_layout_and_per_sample_files(tiny_ckpt, tmp_path):
 
 
 def test_a_mismatched_tokenizer_is_refused(tiny_ckpt, tmp_path, capsys):
+    """Codes decoded by another tokenizer would be other pictures: refused, naming why."""
     other = tiny_vqgan(str(tmp_path / 'other.pt'), seed=1)      # same shapes, other weights: other sha256
     with pytest.raises(SystemExit):
         run(tiny_ckpt, tmp_path, '--prompt', 'a red circle', f'--vqgan={other}')
@@ -103,6 +106,7 @@ def test_temperature_zero_is_greedy_and_negative_values_are_a_clear_error(tiny_c
 
 
 def test_empty_prompt_is_the_unconditional_caption(tiny_ckpt, tmp_path, capsys):
+    """An empty prompt is exactly the caption guidance training dropped to."""
     model, _ = sample.load_gpt(tiny_ckpt, 'cpu')
     tokens = sample.tokenize_prompts(['', 'a red circle'], model.config.text_len)
     assert torch.equal(tokens[0], model.uncond_text(1)[0])     # exactly the caption CFG training dropped to
@@ -112,6 +116,7 @@ def test_empty_prompt_is_the_unconditional_caption(tiny_ckpt, tmp_path, capsys):
 
 
 def test_long_prompts_are_cut_with_a_warning_and_unknown_words_run(tiny_ckpt, tmp_path):
+    """A too-long prompt is cut with a warning; unseen words still tokenize and sample."""
     long_prompt = 'a red circle ' * 10
     with pytest.warns(UserWarning, match='cut off'):
         tokens = sample.tokenize_prompts([long_prompt], TINY['text_len'])
@@ -122,12 +127,14 @@ def test_long_prompts_are_cut_with_a_warning_and_unknown_words_run(tiny_ckpt, tm
 
 
 def test_default_prompts_are_the_val_captions(tiny_ckpt, tmp_path, capsys):
+    """Without --prompt, the first val captions of the training data are used."""
     grid, files = run(tiny_ckpt, tmp_path, '--num_samples=1', f'--out_dir={tmp_path / "each"}')
     prompts = (tmp_path / 'each' / 'prompts.txt').read_text().splitlines()
     assert len(prompts) == 8 and set(prompts) <= set(CAPTIONS)
 
 
 def test_distributed_sampling_writes_the_files_of_a_single_process_run(tiny_ckpt, tmp_path):
+    """2 torchrun ranks write the same files, byte for byte, as 1 process."""
     prompts = tmp_path / 'prompts.txt'
     prompts.write_text('a red circle\na green square\n\na blue triangle\n')   # 4 prompts, one unconditional
     common = [f'--ckpt={tiny_ckpt}', f'--prompts_file={prompts}', '--num_samples=3', '--batch_size=5']
@@ -145,3 +152,15 @@ def test_distributed_sampling_writes_the_files_of_a_single_process_run(tiny_ckpt
     assert (tmp_path / 'one.png').read_bytes() == (tmp_path / 'two.png').read_bytes()
     pngs = [(tmp_path / 'one' / n).read_bytes() for n in one if n.endswith('.png')]
     assert len(set(pngs)) > 1
+
+
+def test_the_training_grid_has_one_row_per_prompt_and_is_seeded(tiny_ckpt, tiny_data, tmp_path):
+    """train.py's eval grid: eval_samples samples of each of the first eval_prompts val captions, and the same
+    noise at every eval (so grids of successive evals show the model changing, not the noise)."""
+    from contextlib import nullcontext
+    from data.common import PreparedSplit, read_meta
+    model, _ = sample.load_gpt(tiny_ckpt, 'cpu')
+    grid = sample.TrainingGrid(read_meta(tiny_data), tiny_data, PreparedSplit(tiny_data, 'val'), 3, 2, 0, nullcontext())
+    a, b = grid.draw(model, str(tmp_path / 'a.png')), grid.draw(model, str(tmp_path / 'b.png'))
+    assert open(a, 'rb').read() == open(b, 'rb').read()
+    assert np.array(Image.open(a)).shape[0] == 3 * (TINY['image_size'] * 4 + 2) + 2

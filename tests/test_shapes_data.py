@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from data.shapes import world
-from data.shapes.prepare import RenderConfig, render_dataset, load_split, load_scenes
+from data.shapes.prepare import RenderConfig, render_dataset
+from data.common import load_split, load_scenes
 
 
 def test_rendering_is_deterministic_for_a_seed():
+    """The same seed renders the same world on every machine; another seed another one."""
     s1, im1, c1 = world.make_split(50, seed=3)
     s2, im2, c2 = world.make_split(50, seed=3)
     s3, im3, c3 = world.make_split(50, seed=4)
@@ -19,6 +21,7 @@ def test_rendering_is_deterministic_for_a_seed():
 
 @pytest.mark.parametrize('size', [32, 64])
 def test_image_shape_and_dtype(size):
+    """uint8 (N, S, S, 3): the layout the tokenizer, teacher and evaluator read."""
     _, images, _ = world.make_split(4, seed=0, image_size=size)
     assert images.shape == (4, size, size, 3) and images.dtype == np.uint8
 
@@ -29,6 +32,8 @@ def _words(text):
 
 @pytest.mark.parametrize('size', [32, 64])
 def test_captions_name_exactly_the_drawn_attributes(size):
+    """A caption names every drawn object with its four attributes and nothing else, so prompt accuracy
+    can be measured."""
     scenes, images, captions = world.make_split(400, seed=11, image_size=size)
     all_shapes, all_colors = set(world.SHAPES), set(world.COLORS)
     for scene, img, cap in zip(scenes, images, captions):
@@ -53,6 +58,7 @@ def test_captions_name_exactly_the_drawn_attributes(size):
 
 
 def test_background_pixels_match_the_scene():
+    """The background is drawn as the scene says: base colour, and stripes exactly when striped."""
     scenes, images, _ = world.make_split(200, seed=5)
     for scene, img in zip(scenes, images):
         occupied = {o['cell'] for o in scene['objects']}
@@ -69,6 +75,7 @@ def test_background_pixels_match_the_scene():
 
 
 def test_both_object_counts_and_partial_background_naming_occur():
+    """One and two objects are equally likely and the background colour is named about half the time."""
     scenes, _, _ = world.make_split(2000, seed=1)
     counts = np.bincount([len(s['objects']) for s in scenes])
     assert counts[1] > 800 and counts[2] > 800
@@ -78,6 +85,7 @@ def test_both_object_counts_and_partial_background_naming_occur():
 
 
 def test_prepare_writes_splits_and_preview(tmp_path):
+    """render_dataset writes what the world draws, a preview, and skips an identical second run."""
     cfg = RenderConfig(out_dir=str(tmp_path), n_train=64, n_val=16, seed=7)
     render_dataset(cfg, progress=False)
     images, captions = load_split(str(tmp_path), 'train')
@@ -97,14 +105,108 @@ def test_prepare_writes_splits_and_preview(tmp_path):
     assert json.load(open(tmp_path / 'render.json'))['n_train'] == 64
 
 
-def test_missing_split_error_names_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match='prepare.py'):
-        load_split(str(tmp_path), 'train')
-
-
 def test_too_small_image_size_is_rejected(tmp_path):
+    """Below 24 px the shapes cannot be drawn: a clear error instead of garbage."""
     with pytest.raises(ValueError, match='image_size'):
         render_dataset(RenderConfig(out_dir=str(tmp_path), image_size=8, n_train=2, n_val=2), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the encode stage: rendered pairs -> the prepared arrays train.py reads
+
+TINY_TEACHER = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, layers=1, width=32, head_width=16),
+                    text_cfg=dict(context_length=16, width=32, heads=2, layers=1))
+
+
+@pytest.fixture(scope='module')
+def encoded(tmp_path_factory):
+    """12 + 6 rendered scenes encoded with a tiny random tokenizer and teacher: (PrepareConfig, meta, folder)."""
+    import torch
+    from data.shapes.prepare import PrepareConfig, encode_dataset
+    from teacher import Teacher
+    from vqgan import VQConfig, VQModel, save_vqgan
+    root = tmp_path_factory.mktemp('encode')
+    d = str(root / 'shapes')
+    render_dataset(RenderConfig(out_dir=d, n_train=12, n_val=6), progress=False)
+    torch.manual_seed(0)
+    save_vqgan(VQModel(VQConfig(image_size=32, codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 1, 2),
+                                num_res_blocks=1, z_channels=16, norm_groups=8)), str(root / 'vq.pt'))
+    Teacher('ViT-S-32', **TINY_TEACHER).save(str(root / 'teacher.pt'))
+    cfg = PrepareConfig(out_dir=d, n_train=12, n_val=6, vqgan=str(root / 'vq.pt'), teacher=str(root / 'teacher.pt'),
+                        device='cpu', batch_size=5)
+    return cfg, encode_dataset(cfg, progress=False), d
+
+
+def test_encode_without_a_teacher_names_the_command_that_trains_it(encoded):
+    """The encode stage needs the tokenizer and teacher files: a missing one names the script that makes it."""
+    from dataclasses import replace
+    from data.shapes.prepare import encode_dataset
+    cfg, _, d = encoded
+    with pytest.raises(FileNotFoundError, match='python data/shapes/train_teacher.py'):
+        encode_dataset(replace(cfg, teacher=os.path.join(d, 'missing.pt')), progress=False)
+
+
+def test_encode_writes_the_meta_of_the_contract(encoded):
+    """meta.json records the sizes train.py builds the GPT from: splits, grid, codes, text length, teacher width."""
+    from data.common import read_meta
+    _, meta, d = encoded
+    assert meta == read_meta(d) and meta['splits'] == {'train': 12, 'val': 6} and meta['text_len'] == 28
+    assert (meta['grid'], meta['image_tokens'], meta['codebook_size'], meta['teacher_dim']) == ([8, 8], 64, 64, 16)
+
+
+def test_encoded_arrays_equal_direct_tokenizer_teacher_and_bpe_calls(encoded):
+    """The arrays hold exactly what the tokenizer, the teacher (fp16, unit norm) and the BPE give for each image."""
+    from data.common import PreparedSplit, tokenize_captions
+    from teacher import Teacher, embed_dataset
+    from vqgan import load_vqgan, encode_images
+    cfg, _, d = encoded
+    vq, teacher = load_vqgan(cfg.vqgan), Teacher.load(cfg.teacher)
+    for split in ('train', 'val'):
+        images, captions = load_split(d, split)
+        arrays = PreparedSplit(d, split)
+        assert np.array_equal(arrays.codes, encode_images(vq, images, progress=False))
+        assert np.array_equal(arrays.text, tokenize_captions(captions, 28))
+        np.testing.assert_allclose(arrays.teacher.astype(np.float32),
+                                   embed_dataset(teacher, images, progress=False).astype(np.float32), atol=2e-3)
+        assert np.allclose(np.linalg.norm(arrays.teacher.astype(np.float32), axis=1), 1, atol=2e-3)
+
+
+def test_encoding_again_with_the_same_files_is_skipped(encoded, capsys):
+    """Same tokenizer and teacher (by sha256): nothing is rewritten."""
+    from data.shapes.prepare import encode_dataset
+    cfg, _, d = encoded
+    mtime = os.path.getmtime(os.path.join(d, 'train_codes.bin'))
+    capsys.readouterr()
+    encode_dataset(cfg, progress=False)
+    assert 'skipping' in capsys.readouterr().out and os.path.getmtime(os.path.join(d, 'train_codes.bin')) == mtime
+
+
+def test_train_reads_the_encoded_arrays_and_refuses_them_once_the_teacher_changes(encoded, tmp_path, capsys):
+    """The arrays are what train.py reads; a retrained teacher makes them stale (refused, naming the teacher) until
+    the encode stage runs again and records the new teacher."""
+    import shutil
+    import torch
+    import train
+    from data.shapes.prepare import encode_dataset
+    from teacher import Teacher
+    from conftest import TINY_GPT_ARGS
+    cfg, meta, d = encoded
+    d = shutil.copytree(d, str(tmp_path / 'shapes'))               # a private copy: the teacher is about to change
+    os.remove(os.path.join(d, 'meta.json'))
+    teacher = str(tmp_path / 'teacher.pt')
+    shutil.copy(cfg.teacher, teacher)
+    cfg = train.dataclasses.replace(cfg, out_dir=d, teacher=teacher)
+    encode_dataset(cfg, progress=False)                             # records the copy's path
+    args = [f'--data_dir={d}', f'--out_dir={tmp_path / "out"}', *TINY_GPT_ARGS, '--batch_size=8', '--eval_samples=0',
+            '--eval_rows=6', '--max_iters=2']
+    history = train.main(args)
+    assert history[-1]['kind'] == 'eval' and np.isfinite(history[-1]['val_ce'])
+    torch.manual_seed(1)
+    Teacher('ViT-S-32', **TINY_TEACHER).save(teacher)
+    with pytest.raises(SystemExit):
+        train.main(args)
+    assert 'teacher' in capsys.readouterr().err
+    assert encode_dataset(cfg, progress=False)['teacher']['sha256'] != meta['teacher']['sha256']
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Tests of the shapes teacher options (data/shapes/teachers.py: the scene oracle and the kinds of the encode step),
-the caption -> embedding ridge R^2 (data/shapes/caption_r2.py) and teacher.py's --preset."""
+the caption -> embedding ridge R^2 (data/shapes/caption_r2.py) and data/shapes/train_teacher.py's --preset."""
 import numpy as np
 import pytest
 import torch
@@ -66,9 +66,8 @@ def test_encode_with_the_scene_teacher_writes_the_oracle_and_its_r2(tmp_path):
     """--teacher_kind=scene needs no checkpoint: {split}_teacher.bin holds SceneTeacher().embed of the scene records
     (float16), and meta.json records the kind, the oracle's identity and the caption R^2 computed on those arrays."""
     from vqgan import VQConfig, VQModel, save_vqgan
-    from data.common import PreparedSplit
-    from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset, load_scenes, \
-        load_split
+    from data.common import PreparedSplit, load_scenes, load_split
+    from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset
     d = str(tmp_path / 'plan')
     render_dataset(RenderConfig(out_dir=d, n_train=40, n_val=20, world='plan'), progress=False)
     torch.manual_seed(0)
@@ -153,11 +152,11 @@ def test_caption_r2_cli_reads_an_encoded_folder(tiny_data, capsys):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# teacher.py --preset
+# data/shapes/train_teacher.py --preset
 
 
 def test_teacher_preset_sets_its_values_under_the_command_line():
-    from teacher import train_config, TrainConfig, PRESETS
+    from data.shapes.train_teacher import train_config, ClipTrainConfig as TrainConfig, PRESETS
     cfg = train_config(['--preset=strong', '--max_iters=10'])
     assert cfg.max_iters == 10
     assert cfg.vision_layers == PRESETS['strong']['vision_layers'] != TrainConfig().vision_layers

@@ -94,7 +94,7 @@ def prepare_folder(cfg: FolderConfig, progress=True):
         raise ValueError('--captions is required: a .jsonl or .csv file of (path, caption) records')
     if not cfg.vqgan:
         raise ValueError('--vqgan is required: the image tokenizer checkpoint (LlamaGen vq_ds16_t2i.pt, or one '
-                         'trained with `python vqgan.py`)')
+                         'trained with `python data/shapes/train_tokenizer.py`)')
     root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.captions))
     paths, captions = read_captions(cfg.captions)
     _check_root(root, paths, 'train')

@@ -15,8 +15,8 @@ Writes into out_dir:
 The encode stage turns the rendered pairs into the prepared arrays of the data contract (data/common.py), once the
 shapes tokenizer and teacher exist:
 
-    python vqgan.py --dataset=shapes                   # -> out/vqgan_shapes/ckpt.pt
-    python teacher.py --dataset=shapes                 # -> out/teacher_shapes/teacher.pt
+    python data/shapes/train_tokenizer.py              # -> out/vqgan_shapes/ckpt.pt
+    python data/shapes/train_teacher.py                # -> out/teacher_shapes/teacher.pt
     python data/shapes/prepare.py --stage=encode       # (or --stage=all: render, then encode)
     python data/shapes/prepare.py --stage=encode --text_tokenizer=path/to/SmolLM2-135M   # to train from that LLM
 
@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import configure  # noqa: E402
 from utils import save_image_grid, atomic_write_bytes, pick_device  # noqa: E402
+from data.common import load_split  # noqa: E402
 from data.shapes.world import make_split, WORLDS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,22 +85,6 @@ def render_dataset(cfg: RenderConfig, progress=True):
           f'into {cfg.out_dir} in {time.time() - t0:.1f}s; preview: {os.path.join(cfg.out_dir, "preview.png")}')
 
 
-def load_split(data_dir, split):
-    """(images uint8 (N, H, W, 3), captions list[str]) of a rendered split, with a clear error if missing."""
-    path = os.path.join(data_dir, f'{split}_images.npy')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{path} not found: render the dataset first with `python data/shapes/prepare.py`')
-    images = np.load(path, mmap_mode='r')
-    with open(os.path.join(data_dir, f'{split}_captions.txt')) as f:
-        captions = f.read().splitlines()
-    return images, captions
-
-
-def load_scenes(data_dir, split):
-    with open(os.path.join(data_dir, f'{split}_scenes.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the encode stage: rendered pairs -> the prepared arrays train.py reads
 
@@ -109,7 +94,7 @@ SHAPES_TEXT_LEN = 28  # the longest shapes caption is 24 BPE tokens with SOT and
 @dataclass
 class PrepareConfig(RenderConfig):
     stage: str = 'render'                             # 'render' | 'encode' | 'all' (render, then encode)
-    vqgan: str = 'out/vqgan_shapes/ckpt.pt'           # image tokenizer (python vqgan.py --dataset=shapes)
+    vqgan: str = 'out/vqgan_shapes/ckpt.pt'           # image tokenizer (data/shapes/train_tokenizer.py)
     teacher_kind: str = 'clip'                        # 'clip', 'clip_strong' or 'scene' (data/shapes/teachers.py)
     teacher: str = ''                                 # CLIP checkpoint; '' = the kind's (out/teacher_shapes/teacher.pt)
     text_len: int = SHAPES_TEXT_LEN                   # L: text block length of the GPT
@@ -133,10 +118,10 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     from data.shapes import teachers
     from data.shapes.caption_r2 import caption_r2
 
-    _require_file(cfg.vqgan, 'vqgan checkpoint', 'python vqgan.py --dataset=shapes')
+    _require_file(cfg.vqgan, 'vqgan checkpoint', 'python data/shapes/train_tokenizer.py')
     teacher_path = teachers.teacher_checkpoint(cfg.teacher_kind, cfg.teacher)
     if teacher_path:
-        _require_file(teacher_path, 'teacher checkpoint', 'python teacher.py --dataset=shapes' +
+        _require_file(teacher_path, 'teacher checkpoint', 'python data/shapes/train_teacher.py' +
                       (' --preset=strong' if cfg.teacher_kind == 'clip_strong' else ''))
     render_path = os.path.join(cfg.out_dir, 'render.json')
     if not os.path.exists(render_path):
@@ -173,7 +158,8 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     image_size = splits['train'][0].shape[1]
     if vq.image_size != image_size:
         raise ValueError(f'the tokenizer {cfg.vqgan} takes {vq.image_size}px images but {cfg.out_dir} holds '
-                         f'{image_size}px ones: train a tokenizer on this data (python vqgan.py --data_dir=...)')
+                         f'{image_size}px ones: train a tokenizer on this data '
+                         f'(python data/shapes/train_tokenizer.py --data_dir={cfg.out_dir})')
     print(f'encoding {cfg.out_dir}: tokenizer {cfg.vqgan} ({vq.grid[0]}x{vq.grid[1]} codes of {vq.codebook_size}), '
           f'teacher {cfg.teacher_kind} {teacher_path or ""} (D = {teacher.dim}), text_len {cfg.text_len}, on {device}')
     t0 = time.time()

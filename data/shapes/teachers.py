@@ -1,8 +1,8 @@
 """
 The teachers the shapes encode step can write into {split}_teacher.bin, chosen with --teacher_kind:
 
-    python data/shapes/prepare.py --stage=encode --teacher_kind=clip           # the shapes CLIP (teacher.py), default
-    python data/shapes/prepare.py --stage=encode --teacher_kind=clip_strong    # teacher.py --preset=strong
+    python data/shapes/prepare.py --stage=encode --teacher_kind=clip           # the shapes CLIP (train_teacher.py)
+    python data/shapes/prepare.py --stage=encode --teacher_kind=clip_strong    # train_teacher.py --preset=strong
     python data/shapes/prepare.py --stage=encode --teacher_kind=scene          # the ground-truth scene (an oracle)
 
 `scene` is what a perfect teacher would say: the true scene of each image (every cell's shape, colour and size, and
@@ -19,7 +19,7 @@ import numpy as np
 from data.shapes.world import SHAPES, COLORS, SIZES, BG_COLORS, BG_TEXTURES
 
 TEACHER_KINDS = ('clip', 'clip_strong', 'scene')
-DEFAULT_CHECKPOINTS = {'clip': 'out/teacher_shapes/teacher.pt',                 # python teacher.py --dataset=shapes
+DEFAULT_CHECKPOINTS = {'clip': 'out/teacher_shapes/teacher.pt',                 # python data/shapes/train_teacher.py
                        'clip_strong': 'out/teacher_shapes_strong/teacher.pt'}  # ... --preset=strong
 SCENE_DIM = 64        # the shapes CLIP's width, so the GPT's projector is the same whichever teacher it aligns to
 SCENE_SEED = 2503     # the projection's seed: part of the teacher's identity (meta.json)
@@ -88,7 +88,7 @@ def embed_split(teacher, data_dir, split, images, batch_size=256, progress=True)
     """float16 (N, D) teacher features of a rendered split: from the pixels for a CLIP, from the scene records
     ({split}_scenes.jsonl) for the oracle."""
     if isinstance(teacher, SceneTeacher):
-        from data.shapes.prepare import load_scenes
+        from data.common import load_scenes
         scenes = load_scenes(data_dir, split)
         if len(scenes) != len(images):
             raise ValueError(f'{split}: {len(images)} images but {len(scenes)} scene records in {data_dir}; '
