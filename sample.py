@@ -57,8 +57,8 @@ class SampleConfig:
     prompt: list[str] = field(default_factory=list)  # repeat --prompt for several; none = 8 val captions
     prompts_file: str = ''            # one prompt per line (added after the --prompt ones)
     num_samples: int = 4              # samples per prompt
-    cfg_scale: float = 2.0            # classifier-free guidance scale s in u + s (c - u); 1 = no guidance
-    temperature: float = 0.7          # softmax temperature (< 1: fewer stray codes, cleaner small images); 0 = greedy
+    cfg_scale: float = 1.5            # classifier-free guidance scale s in u + s (c - u); 1 = no guidance
+    temperature: float = 0.3          # softmax temperature (< 1: fewer stray codes, cleaner small images); 0 = greedy
     top_k: int = 0                    # keep the k most likely codes; 0 = all
     top_p: float = 1.0                # nucleus sampling mass; 1.0 = off
     seed: int = 1337                  # same seed (and batch_size, device) -> identical images

@@ -67,7 +67,7 @@ class TrainConfig:
     # optimization
     batch_size: int = 32             # rows per micro-step on each rank
     grad_accum: int = 1              # micro-steps per optimizer step; global batch = batch_size*grad_accum*ranks
-    max_iters: int = 900             # optimizer steps
+    max_iters: int = 1200            # optimizer steps
     learning_rate: float = 2e-3      # peak learning rate
     decay_lr: bool = True            # warmup + cosine to min_lr; False = constant after warmup (LlamaGen's recipe)
     warmup_iters: int = 50           # linear warmup steps
@@ -78,7 +78,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0           # clip the global gradient norm; 0 = off
     # eval, logging, checkpoints
-    eval_interval: int = 300         # val losses + sample grid + checkpoint every this many steps (and at the end)
+    eval_interval: int = 400         # val losses + sample grid + checkpoint every this many steps (and at the end)
     eval_rows: int = 1000            # the first eval_rows val rows, always the same ones: comparable across runs
     eval_prompts: int = 8            # sample grid: the first eval_prompts val captions ...
     eval_samples: int = 4            # ... with this many samples each (0 = no grid)
