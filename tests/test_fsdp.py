@@ -124,6 +124,21 @@ def test_sample_py_loads_the_fsdp_checkpoint(fsdp_run, plain_run, tmp_path):
     assert open(grid, 'rb').read() == open(twin, 'rb').read()
 
 
+@pytest.mark.slow  # launches torchrun with 2 processes (~10 s each on 2 cores)
+def test_fsdp_nan_stops_every_rank_and_keeps_the_checkpoint(tiny_data_copy, tmp_path):
+    """Under sharding the gradient norm is a DTensor over all shards: a NaN on the ranks still stops the run before
+    the weights move, with the usual message, and the last good checkpoint stays byte for byte."""
+    out = tmp_path / 'run'
+    torchrun(run_args(tiny_data_copy, out, '--batch_size=4', '--fsdp=True', '--max_iters=2', '--eval_interval=2'))
+    good = (out / 'ckpt.pt').read_bytes()
+    teacher = np.memmap(f'{tiny_data_copy}/train_teacher.bin', dtype=np.float16, mode='r+')
+    teacher[:] = np.nan  # broken features: the alignment loss turns NaN
+    teacher.flush()
+    r = cli(['--nproc_per_node=2', '--master_addr=127.0.0.1', f'--master_port={free_port()}', 'train.py',
+             f'--out_dir={out}', '--init_from=resume', '--max_iters=4'], module=['-m', 'torch.distributed.run'])
+    assert r.returncode != 0 and 'not finite' in r.stderr and 'iter 2' in r.stderr
+    assert (out / 'ckpt.pt').read_bytes() == good
+
 def test_fsdp_without_torchrun_names_the_launch_command(tiny_data, tmp_path, capsys, monkeypatch):
     """FSDP shards over torchrun's ranks; launched as a plain process it says how to launch, before writing files."""
     monkeypatch.delenv('RANK', raising=False)
