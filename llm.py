@@ -262,7 +262,7 @@ LLM_SIZES = {
 }
 
 
-def train_memory(config, batch_size=1, world=1, fsdp=False):
+def train_memory(config, batch_size=1, world=1, fsdp=False, grad_checkpoint=False):
     """Rough training memory per GPU (GiB) of a GPTConfig under train.py on `world` GPUs, an estimate, not a
     measurement. Model state: fp32 weights, gradients and AdamW's two moments, 16 bytes per parameter, all of it on
     every GPU under DDP (fsdp=False) and 16 / world under FSDP, which adds the bf16 copies it gathers for compute:
@@ -270,7 +270,9 @@ def train_memory(config, batch_size=1, world=1, fsdp=False):
     the one prefetched), plus one block's fp32 gradient before its reduce-scatter. Activations autograd keeps for
     one micro-batch under bf16 autocast, per token and block: ~34 * d bytes (norms in fp32, q/k/v, rotary, attention
     output, residuals) + 8 * ffn_hidden (the SwiGLU's three branches and product), the attention matrix never stored
-    (fused SDPA kernels), plus the code logits (bf16 logits, fp32 softmax and its gradient)."""
+    (fused SDPA kernels), plus the code logits (bf16 logits, fp32 softmax and its gradient). grad_checkpoint: each
+    block keeps only its fp32 input (4 * d bytes per token) and one block's full activations exist at a time, in
+    its recomputation."""
     with torch.device('meta'):
         model = GPT(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -279,7 +281,11 @@ def train_memory(config, batch_size=1, world=1, fsdp=False):
     gathered = 2 * (n_params - config.n_layer * n_block + 2 * n_block) + 4 * n_block if fsdp else 0
     tokens = batch_size * (config.text_len + config.image_tokens)
     ffn = model.blocks[0].feed_forward.w1.out_features
-    activations = tokens * config.n_layer * (34 * config.n_embd + 8 * ffn)
+    per_block = tokens * (34 * config.n_embd + 8 * ffn)
+    if grad_checkpoint:
+        activations = tokens * config.n_layer * 4 * config.n_embd + per_block
+    else:
+        activations = config.n_layer * per_block
     logits = batch_size * config.image_tokens * config.codebook_size * (2 + 4 + 4)
     gib = 1024 ** 3
     states = bytes_per_param * n_params + gathered
@@ -299,14 +305,15 @@ def scale_table(batch_size=32, world=8):
     at `batch_size` rows of 256 codes per GPU."""
     from model import PRESETS
     print(f'| model | parameters | bytes/param DDP | bytes/param FSDP x{world} | DDP states | FSDP states | '
-          f'activations, batch {batch_size} | FSDP total |')
-    print('|---|---|---|---|---|---|---|---|')
+          f'activations, batch {batch_size} | FSDP total | FSDP total, --grad_checkpoint |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for name, body in {**{k: v for k, v in PRESETS.items() if k != 'tiny'}, **SHARDED_SIZES}.items():
         cfg = GPTConfig(**body, **IMAGENET_SHAPE)
         ddp, fsdp = (train_memory(cfg, batch_size, world, f) for f in (False, True))
+        recompute = train_memory(cfg, batch_size, world, True, grad_checkpoint=True)
         print(f'| {name} | {ddp["params"] / 1e9:.2f}B | {ddp["bytes_per_param"]:.0f} | {fsdp["bytes_per_param"]:.0f} '
               f'| {ddp["states_gib"]:.1f} GiB | {fsdp["states_gib"]:.1f} GiB | {ddp["activations_gib"]:.1f} GiB | '
-              f'{fsdp["total_gib"]:.1f} GiB |')
+              f'{fsdp["total_gib"]:.1f} GiB | {recompute["total_gib"]:.1f} GiB |')
 
 
 def main(argv):

@@ -69,6 +69,20 @@ def test_fsdp_gradient_accumulation_equals_one_large_batch(tiny_data, plain_run,
     assert_same_losses(plain_run, tmp_path / 'accum')
 
 
+def test_grad_checkpoint_trains_the_same_steps(tiny_data, plain_run, tmp_path):
+    """Activation checkpointing recomputes each block in the backward (with the same dropout stream): the same
+    numbers, so the same losses as the run that kept every activation."""
+    train.main(run_args(tiny_data, tmp_path / 'ckpt', '--batch_size=8', '--grad_checkpoint=True', *COMMON, *STEPS))
+    assert_same_losses(plain_run, tmp_path / 'ckpt', atol=1e-6)
+
+
+@pytest.mark.slow  # launches torchrun with 2 processes (~10 s each on 2 cores)
+def test_fsdp_with_grad_checkpoint_logs_the_same_losses(tiny_data, plain_run, tmp_path):
+    """Recomputing a sharded block in the backward gathers its weights again: still the one-process losses."""
+    torchrun(run_args(tiny_data, tmp_path / 'gc', '--batch_size=4', '--fsdp=True', '--grad_checkpoint=True', *COMMON,
+                      *STEPS))
+    assert_same_losses(plain_run, tmp_path / 'gc')
+
 @pytest.mark.slow  # launches torchrun with 2 processes (~10 s each on 2 cores)
 def test_the_fsdp_checkpoint_is_the_one_process_checkpoint(plain_run, fsdp_run):
     """Rank 0 gathers the full weights and AdamW states into the same file a single process writes: the same keys,
@@ -164,3 +178,6 @@ def test_train_memory_matches_a_hand_count():
     assert fsdp['states_gib'] * gib == pytest.approx(4 * n + 2 * (root + 2 * block) + 4 * block)
     assert ddp['activations_gib'] * gib == pytest.approx(acts) and fsdp['activations_gib'] == ddp['activations_gib']
     assert fsdp['total_gib'] == pytest.approx(fsdp['states_gib'] + fsdp['activations_gib'])
+    recompute = train_memory(c, 5, world=4, fsdp=True, grad_checkpoint=True)   # block inputs + one block in full
+    assert recompute['activations_gib'] * gib == pytest.approx(
+        5 * (8 + 16) * (3 * 4 * 32 + 34 * 32 + 8 * ffn) + 5 * 16 * 64 * 10)
