@@ -5,6 +5,7 @@ rotary, bias-free attention, grouped-query heads).
 
     python train.py --init_from=llm:path/to/SmolLM2-135M ...   # see README.md, "Start from a text-only LLM"
     python llm.py                                              # fine-tuning memory estimates for some LLM sizes
+    python llm.py scale                                        # memory per GPU of every size, DDP vs FSDP
 
     from llm import from_pretrained_llm
     model = from_pretrained_llm('path/to/SmolLM2-135M', codebook_size=16384, image_tokens=256, text_len=77,
@@ -261,35 +262,73 @@ LLM_SIZES = {
 }
 
 
-def finetune_memory(config, batch_size=1):
-    """Rough training memory (GiB) of a GPTConfig under train.py on one GPU (no sharding): parameters in fp32 with
-    their gradients and AdamW's two moments (16 bytes each), plus the activations autograd keeps for one
-    micro-batch under bf16 autocast, counted per token and block: ~34 * d bytes (norms in fp32, q/k/v, rotary,
-    attention output, residuals) + 8 * ffn_hidden (the SwiGLU's three branches and product), with the attention
-    matrix never stored (fused SDPA kernels), plus the code logits. An estimate, not a measurement."""
+def train_memory(config, batch_size=1, world=1, fsdp=False, grad_checkpoint=False):
+    """Rough training memory per GPU (GiB) of a GPTConfig under train.py on `world` GPUs, an estimate, not a
+    measurement. Model state: fp32 weights, gradients and AdamW's two moments, 16 bytes per parameter, all of it on
+    every GPU under DDP (fsdp=False) and 16 / world under FSDP, which adds the bf16 copies it gathers for compute:
+    the root unit (embeddings, head, projector: kept gathered through the step) and two blocks (the one computing and
+    the one prefetched), plus one block's fp32 gradient before its reduce-scatter. Activations autograd keeps for
+    one micro-batch under bf16 autocast, per token and block: ~34 * d bytes (norms in fp32, q/k/v, rotary, attention
+    output, residuals) + 8 * ffn_hidden (the SwiGLU's three branches and product), the attention matrix never stored
+    (fused SDPA kernels), plus the code logits (bf16 logits, fp32 softmax and its gradient). grad_checkpoint: each
+    block keeps only its fp32 input (4 * d bytes per token) and one block's full activations exist at a time, in
+    its recomputation."""
     with torch.device('meta'):
         model = GPT(config)
     n_params = sum(p.numel() for p in model.parameters())
+    n_block = sum(p.numel() for p in model.blocks[0].parameters())
+    bytes_per_param = 16 / world if fsdp else 16
+    gathered = 2 * (n_params - config.n_layer * n_block + 2 * n_block) + 4 * n_block if fsdp else 0
     tokens = batch_size * (config.text_len + config.image_tokens)
-    ffn = config.ffn_hidden or model.blocks[0].feed_forward.w1.out_features
-    activations = tokens * config.n_layer * (34 * config.n_embd + 8 * ffn)
-    logits = batch_size * config.image_tokens * config.codebook_size * (2 + 4 + 4)  # bf16 logits, fp32 softmax, grad
+    ffn = model.blocks[0].feed_forward.w1.out_features
+    per_block = tokens * (34 * config.n_embd + 8 * ffn)
+    if grad_checkpoint:
+        activations = tokens * config.n_layer * 4 * config.n_embd + per_block
+    else:
+        activations = config.n_layer * per_block
+    logits = batch_size * config.image_tokens * config.codebook_size * (2 + 4 + 4)
     gib = 1024 ** 3
-    return dict(params=n_params, states_gib=16 * n_params / gib, activations_gib=(activations + logits) / gib,
-                total_gib=(16 * n_params + activations + logits) / gib)
+    states = bytes_per_param * n_params + gathered
+    return dict(params=n_params, bytes_per_param=bytes_per_param, states_gib=states / gib,
+                activations_gib=(activations + logits) / gib, total_gib=(states + activations + logits) / gib)
+
+
+# 256 image codes (16x16 of a 16384 codebook), 77 CLIP text tokens, a CLIP ViT-B teacher: the ImageNet setting
+IMAGENET_SHAPE = dict(codebook_size=16384, image_tokens=256, text_len=77, teacher_dim=512)
+# LlamaGen's 3B (GPT-3B) next to the presets of model.py; the 7B is Llama 2's body (the paper's 7B ARRA run)
+SHARDED_SIZES = {'3B': dict(n_layer=24, n_head=32, n_embd=3200),
+                 '7B': dict(LLM_SIZES['Llama-2-7B'], text_pad_id=0, text_sot_id=1, text_eot_id=2)}
+
+
+def scale_table(batch_size=32, world=8):
+    """The README's table "Sharded training (FSDP)": per-GPU memory of each size under DDP and FSDP on `world` GPUs
+    at `batch_size` rows of 256 codes per GPU."""
+    from model import PRESETS
+    print(f'| model | parameters | bytes/param DDP | bytes/param FSDP x{world} | DDP states | FSDP states | '
+          f'activations, batch {batch_size} | FSDP total | FSDP total, --grad_checkpoint |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for name, body in {**{k: v for k, v in PRESETS.items() if k != 'tiny'}, **SHARDED_SIZES}.items():
+        cfg = GPTConfig(**body, **IMAGENET_SHAPE)
+        ddp, fsdp = (train_memory(cfg, batch_size, world, f) for f in (False, True))
+        recompute = train_memory(cfg, batch_size, world, True, grad_checkpoint=True)
+        print(f'| {name} | {ddp["params"] / 1e9:.2f}B | {ddp["bytes_per_param"]:.0f} | {fsdp["bytes_per_param"]:.0f} '
+              f'| {ddp["states_gib"]:.1f} GiB | {fsdp["states_gib"]:.1f} GiB | {ddp["activations_gib"]:.1f} GiB | '
+              f'{fsdp["total_gib"]:.1f} GiB | {recompute["total_gib"]:.1f} GiB |')
 
 
 def main(argv):
-    """Print the memory table of README.md: 256 image codes (16x16, codebook 16384), 77 text tokens, CLIP teacher."""
-    shape = dict(codebook_size=16384, image_tokens=256, text_len=77, teacher_dim=512, text_pad_id=0, text_sot_id=0,
-                 text_eot_id=0)
+    """Print the memory tables of README.md: `python llm.py 1 8` (LLM fine-tuning on one GPU, batch 1 and 8) or
+    `python llm.py scale` (every size under DDP and FSDP on 8 GPUs, batch 32)."""
+    if argv[:1] == ['scale']:
+        return scale_table()
+    shape = dict(IMAGENET_SHAPE, text_pad_id=0, text_sot_id=0, text_eot_id=0)
     batch_sizes = [int(b) for b in argv] or [1, 8]
     print('| LLM | parameters | weights + grads + AdamW | ' +
           ' | '.join(f'activations, batch {b}' for b in batch_sizes) + ' |')
     print('|---|---|---|' + '---|' * len(batch_sizes))
     for name, body in LLM_SIZES.items():
         cfg = GPTConfig(**body, **shape)
-        rows = [finetune_memory(cfg, b) for b in batch_sizes]
+        rows = [train_memory(cfg, b) for b in batch_sizes]
         print(f'| {name} | {rows[0]["params"] / 1e9:.2f}B | {rows[0]["states_gib"]:.1f} GiB | ' +
               ' | '.join(f'{r["activations_gib"]:.1f} GiB' for r in rows) + ' |')
 

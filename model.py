@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 
@@ -354,6 +355,7 @@ class GPT(nn.Module):
         # (its published sizes count both), so the presets compare like with like.
         self.head = nn.Linear(d, config.codebook_size, bias=False)
         self.projector = None  # ARRA: the alignment head, training only (teacher_dim = 0: an inference model)
+        self.grad_checkpoint = False  # train.py --grad_checkpoint: keep block inputs only, recompute in backward
         if config.teacher_dim > 0:
             self.projector = Projector(d, config.projector_hidden or config.teacher_dim, config.teacher_dim)
         # image positions: a learned vector per grid row and per grid column, added to the BOI and code inputs
@@ -437,7 +439,10 @@ class GPT(nn.Module):
         x = self.drop(x)
         captured = None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, None if caches is None else caches[i], start)
+            if self.grad_checkpoint and self.training and caches is None:  # the same numbers, dropout included
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, start, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, None if caches is None else caches[i], start)
             if i + 1 == capture_layer:
                 captured = x
         return self.norm(x), captured

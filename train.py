@@ -12,6 +12,8 @@ One GPU:
     python train.py --dataset=imagenet --grad_accum=8      # global batch 8 x 32 = 256, as LlamaGen
 One node, 8 GPUs (DDP through torchrun):
     torchrun --nproc_per_node=8 train.py --dataset=imagenet
+Models too large for DDP (XL and up): weights, gradients and AdamW states sharded over the ranks (PyTorch FSDP):
+    torchrun --nproc_per_node=8 train.py --dataset=imagenet --model=XXL --fsdp=True
 Two nodes: the same under `torchrun --nnodes=2 --node_rank=...` (README, "Training at scale").
 
 Writes out_dir/ckpt.pt (atomic; the uncompiled model, optimizer, configs, RNG states, the data's meta.json),
@@ -88,6 +90,9 @@ class TrainConfig:
     device: str = 'auto'             # 'auto': cuda if available; under torchrun, cuda:LOCAL_RANK
     dtype: str = 'auto'              # 'auto': bfloat16 autocast on CUDA, float32 on CPU; or 'float32'
     compile: bool = False            # torch.compile the model (CUDA; slow to start)
+    grad_checkpoint: bool = False    # activation checkpointing per block: ~1/3 more compute, activations of one block
+    fsdp: bool = False               # shard weights, gradients and AdamW states over the ranks (PyTorch FSDP,
+                                     # under torchrun); False = DDP, every rank holds everything
     seed: int = 1337
     peak_flops: float = 0.0          # FLOP/s per device for MFU; 0 = measure a matmul at start
 
@@ -126,6 +131,9 @@ def parse_config(argv):
         raise TrainError(f"init_from={cfg.init_from!r}: choose 'scratch', 'resume' or 'llm:<folder or hub id>'")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_iters < 0 or cfg.eval_interval < 1 or cfg.log_interval < 1:
         raise TrainError('batch_size, grad_accum, eval_interval and log_interval must be >= 1, max_iters >= 0')
+    if cfg.fsdp and int(os.environ.get('RANK', -1)) == -1:
+        raise TrainError('--fsdp=True shards the model over the ranks of torchrun: launch it with '
+                         '`torchrun --nproc_per_node=N train.py ...` (N = 1 works too)')
     if cfg.dtype not in ('auto', 'float32', 'bfloat16'):
         raise TrainError(f"dtype={cfg.dtype!r}: choose 'auto', 'float32' or 'bfloat16' (bf16 only on CUDA)")
     if cfg.dtype == 'bfloat16' and not (pick_device(cfg.device).startswith('cuda') and torch.cuda.is_bf16_supported()):
@@ -221,6 +229,29 @@ def new_model(cfg, meta, data_dir, llm_source, ckpt):
     return GPT(gpt_config(cfg, meta))
 
 
+def shard_model(model, use_bf16):
+    """--fsdp=True: shard the GPT in place with PyTorch's fully_shard (FSDP2). Each block is its own unit, gathered
+    just before it computes and freed after; the root unit holds the rest (embeddings, norm, head, projector). On
+    CUDA the gathered weights are bf16 while the shards (the master weights AdamW updates) and the gradient
+    reduction stay fp32; on CPU everything is fp32. Parameter names do not change, so state dicts keep their keys."""
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def gradient_sync(model, raw_model, fsdp, last_micro):
+    """The context of one micro-step's forward and backward: gradients are all-reduced (DDP) or reduce-scattered
+    (FSDP) across ranks on the last micro-step only; earlier ones accumulate locally."""
+    if fsdp:
+        raw_model.set_requires_gradient_sync(last_micro)
+        return nullcontext()
+    return model.no_sync() if isinstance(model, DDP) and not last_micro else nullcontext()
+
+
 def describe_differences(a, b):
     keys = sorted(set(a) | set(b), key=str)
     return ', '.join(f'{k}: {a.get(k)!r} vs {b.get(k)!r}' for k in keys if a.get(k) != b.get(k))
@@ -249,9 +280,31 @@ def build_model(cfg, meta, data_dir, ckpt, llm_source):
     return gpt_conf, model, ckpt['iter_num'], ckpt['best_val_loss']
 
 
-def resume_optimizer_and_rng(optimizer, ckpt, device_type):
+def parameter_names(model, optimizer):
+    """The names of the optimizer's parameters in its order: index i of optimizer.state_dict() is name i."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group['params']]
+
+
+def load_sharded_optimizer(model, optimizer, saved):
+    """Under FSDP: load a full optimizer state (keyed by index, as one process saves it) into this rank's shards.
+    Every rank holds the file's full tensors; set_optimizer_state_dict keeps each rank's slice."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+    names = parameter_names(model, optimizer)
+    saved_indices = [i for group in saved['param_groups'] for i in group['params']]
+    if sorted(saved_indices) != list(range(len(names))):
+        raise ValueError(f'{len(saved_indices)} saved parameters for {len(names)} optimized ones')
+    by_name = {'state': {names[i]: s for i, s in saved['state'].items()},
+               'param_groups': [{**g, 'params': [names[i] for i in g['params']]} for g in saved['param_groups']]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def resume_optimizer_and_rng(model, optimizer, ckpt, device_type, fsdp):
     try:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        if fsdp:
+            load_sharded_optimizer(model, optimizer, ckpt['optimizer'])
+        else:
+            optimizer.load_state_dict(ckpt['optimizer'])
     except ValueError as e:
         raise TrainError(f'the checkpoint optimizer state does not fit this model ({e}); did align_weight change '
                          f'between 0 and > 0? Resume with the original value') from None
@@ -262,13 +315,35 @@ def resume_optimizer_and_rng(optimizer, ckpt, device_type):
         torch.cuda.set_rng_state_all(rng['cuda'])
 
 
-def save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best_val_loss, meta, llm_source):
-    """Rank 0: out_dir/ckpt.pt with everything a resume needs, written atomically; loads with weights_only=True.
-    A run started from an LLM records it (llm_source), so its resume rebuilds the LLM's body."""
+def full_state(raw_model, optimizer, fsdp):
+    """-> (model state dict, optimizer state dict) as one process holds them. Under FSDP the full tensors are
+    gathered from the shards (a collective: every rank calls it; rank 0 receives them, on the CPU, the others get
+    empty dicts) and the optimizer's, keyed by parameter name there, is keyed by index as optimizer.state_dict()
+    is: a checkpoint is the same file whatever the layout that wrote it, and loads under any other."""
+    if not fsdp:
+        return raw_model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, \
+        StateDictOptions
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(raw_model, options=options)
+    by_name = get_optimizer_state_dict(raw_model, optimizer, options=options)
+    index = {name: i for i, name in enumerate(parameter_names(raw_model, optimizer))}
+    return model_state, {'state': {index[n]: s for n, s in by_name.get('state', {}).items()},
+                         'param_groups': [{**g, 'params': [index[n] for n in g['params']]}
+                                          for g in by_name.get('param_groups', [])]}
+
+
+def save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best_val_loss, meta, llm_source, master):
+    """Every rank calls it (FSDP gathers the shards); rank 0 writes out_dir/ckpt.pt with everything a resume needs,
+    atomically; it loads with weights_only=True. A run started from an LLM records it (llm_source), so its resume
+    rebuilds the LLM's body."""
+    model_state, optimizer_state = full_state(raw_model, optimizer, cfg.fsdp)
+    if not master:
+        return
     rng = {'torch': torch.get_rng_state()}
     if torch.cuda.is_available() and next(raw_model.parameters()).is_cuda:
         rng['cuda'] = torch.cuda.get_rng_state_all()
-    atomic_torch_save({'kind': CHECKPOINT_KIND, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+    atomic_torch_save({'kind': CHECKPOINT_KIND, 'model': model_state, 'optimizer': optimizer_state,
                        'model_config': asdict(gpt_conf), 'config': asdict(cfg), 'iter_num': iter_num,
                        'best_val_loss': best_val_loss, 'rng': rng, 'data_meta': meta,
                        **({'llm_source': llm_source} if llm_source else {})}, os.path.join(out_dir, 'ckpt.pt'))
@@ -285,9 +360,10 @@ def describe_run(cfg, data_dir, meta, splits, model, world, device, use_bf16, pe
         f'{c.codebook_size}, text_len {c.text_len}, teacher {meta["teacher"].get("name")} (D = {c.teacher_dim})',
         f'model: {"blocks and text table from an LLM (llm.py); " if cfg.init_from.startswith("llm:") else ""}'
         f'{model.num_params() / 1e6:.2f}M parameters ({model.num_params(body_only=True) / 1e6:.2f}M body) + '
-        f'projector {n_proj / 1e6:.3f}M ({"trained" if cfg.align_weight else "frozen"}); {world} rank(s) on {device}, '
-        f'{"bf16" if use_bf16 else "fp32"}; global batch {batch * cfg.grad_accum} rows; peak {peak_flops / 1e9:.1f} '
-        f'GFLOP/s per device ({"given" if cfg.peak_flops else "measured"})'])
+        f'projector {n_proj / 1e6:.3f}M ({"trained" if cfg.align_weight else "frozen"}); {world} rank(s) on {device} '
+        f'({"FSDP" if cfg.fsdp else "DDP" if world > 1 else "one process"}), {"bf16" if use_bf16 else "fp32"}; '
+        f'global batch {batch * cfg.grad_accum} rows; peak {peak_flops / 1e9:.1f} GFLOP/s per device '
+        f'({"given" if cfg.peak_flops else "measured"})'])
 
 
 class RunLog:
@@ -365,7 +441,10 @@ class Evaluator:
     def __init__(self, cfg, batches, meta, data_dir, ctx, rank, world, runlog):
         self.cfg, self.batches, self.ctx, self.rank, self.world, self.runlog = cfg, batches, ctx, rank, world, runlog
         self.n_rows, self.grid = min(cfg.eval_rows, len(batches.split)), None
-        if rank == 0 and cfg.eval_samples > 0:
+        if cfg.fsdp and cfg.eval_samples > 0:  # sampling runs on rank 0 alone, which FSDP's shards cannot
+            runlog.print('note: no sample grids in training under --fsdp=True; draw them from the checkpoint with '
+                         'sample.py')
+        elif rank == 0 and cfg.eval_samples > 0:
             self.grid = TrainingGrid(meta, data_dir, batches.split, cfg.eval_prompts, cfg.eval_samples, cfg.seed, ctx)
             if self.grid.vq is None:
                 runlog.print(f'note: the tokenizer {meta["vqgan"].get("path")} named in meta.json is not here; no '
@@ -417,13 +496,17 @@ def train(cfg, resume_ckpt=None):
         llm_source = cfg.init_from[4:] if cfg.init_from.startswith('llm:') else (resume_ckpt or {}).get('llm_source')
         gpt_conf, raw_model, iter_num, best_val_loss = build_model(cfg, meta, data_dir, resume_ckpt, llm_source)
         raw_model.to(device)
+        raw_model.grad_checkpoint = cfg.grad_checkpoint
+        if cfg.fsdp:
+            shard_model(raw_model, use_bf16)  # before the optimizer: it must hold the shards
         # optimizer
         optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                    device_type)
         if resume_ckpt is not None:
-            resume_optimizer_and_rng(optimizer, resume_ckpt, device_type)
+            resume_optimizer_and_rng(raw_model, optimizer, resume_ckpt, device_type, cfg.fsdp)
         model = torch.compile(raw_model) if cfg.compile else raw_model
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None) if ddp else model
+        if ddp and not cfg.fsdp:  # FSDP's sharding is already in raw_model
+            model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
         uncond = raw_model.uncond_text(1)[0]  # the empty caption, swapped in for prompt dropout
         train_batches, val_batches = (Batches(s, device, uncond, cfg.shuffle_teacher) for s in (train_split, val_split))
         peak_flops = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
@@ -451,8 +534,8 @@ def train(cfg, resume_ckpt=None):
                 # get batch: this rank's slice of the global batch, this micro-step's part of it
                 lo = (rank * cfg.grad_accum + micro) * cfg.batch_size
                 text, codes, teacher = train_batches.get(rows[lo:lo + cfg.batch_size], drop[lo:lo + cfg.batch_size])
-                # forward (DDP all-reduces the gradients on the last micro-step only: no_sync covers the others)
-                with (model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()), ctx:
+                # forward (gradients are reduced across ranks on the last micro-step only)
+                with gradient_sync(model, raw_model, cfg.fsdp, micro == cfg.grad_accum - 1), ctx:
                     out = model(text, codes, teacher=teacher)
                 # ARRA: next-token CE + align_weight x the alignment loss (align_weight = 0: the plain baseline)
                 loss = out.loss
@@ -463,6 +546,8 @@ def train(cfg, resume_ckpt=None):
                 step_losses += torch.stack([out.loss.detach(), out.align_loss.detach()]).double() / cfg.grad_accum
             # clip; a non-finite norm (the same on every rank) stops all ranks before the weights are touched
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
+            if cfg.fsdp:  # the norm over all shards, as a replicated DTensor: the plain tensor, the same on every rank
+                grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 raise non_finite_error(iter_num, step_losses, grad_norm, out_dir)
             # step
@@ -478,9 +563,9 @@ def train(cfg, resume_ckpt=None):
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                 val_ce = evaluator.run(model, raw_model, iter_num, out_dir)
                 improved, best_val_loss = val_ce < best_val_loss, min(best_val_loss, val_ce)
-                if master and (cfg.always_save_checkpoint or improved):
+                if cfg.always_save_checkpoint or improved:  # the same on every rank: val CE is all-reduced
                     save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best_val_loss, meta,
-                                    llm_source)
+                                    llm_source, master)
                     runlog.print(f'saved {out_dir}/ckpt.pt at iter {iter_num}')
                 runlog.restart_clock()  # eval and checkpoint time are not step time
         bar.close()

@@ -163,5 +163,6 @@ def distributed(device):
     dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
     try:
         yield True, rank, world, device
+        dist.barrier()  # leave together: a rank that quits while rank 0 still writes its checkpoint can abort gloo
     finally:
         dist.destroy_process_group()

@@ -3,6 +3,7 @@
 #   1. python bench.py --device=cuda          bf16 matmul peak, GPT-B training tokens/s and MFU at 256 codes, ...
 #   2. torchrun --nproc_per_node=1 train.py   50 steps of GPT-B in bf16 with torch.compile, through NCCL
 #   3. the same run resumed from its checkpoint for 10 more steps
+#   3b. 50 steps of GPT-B sharded with --fsdp=True (FSDP2) over all local GPUs (2 gloo ranks in DRY_RUN)
 #   4. python sample.py on the GPU            KV cache + guidance, bf16 autocast, one PNG per sample
 #   5. python fid.py on the GPU               over those samples against a second set (another seed)
 # Each figure is printed on one line starting with "gpu_check:". The data are random arrays in the prepared-data
@@ -28,12 +29,12 @@ say() { echo "gpu_check: $*"; }
 
 if [ "$DRY_RUN" = 1 ]; then  # toy sizes: the plumbing of every step, on the CPU
   DATA="64 16 4 64 16 8"      # n_train n_val grid codebook teacher_dim text_len
-  STEPS=4 MORE=2 SAMPLES=2 DEVICE=cpu
+  STEPS=4 MORE=2 SAMPLES=2 DEVICE=cpu NPROC=2
   TRAIN="--device=cpu --dtype=float32 --compile=False --n_layer=2 --n_head=2 --n_embd=64 --batch_size=8
          --max_iters=$STEPS --eval_interval=$STEPS --eval_rows=16 --log_interval=2 --peak_flops=1e11"
 else
   DATA="2048 256 16 16384 512 16"
-  STEPS=50 MORE=10 SAMPLES=16 DEVICE=cuda
+  STEPS=50 MORE=10 SAMPLES=16 DEVICE=cuda NPROC=$(nvidia-smi -L | wc -l)
   TRAIN="--model=B --dtype=bfloat16 --compile=True --batch_size=32 --max_iters=$STEPS --eval_interval=$STEPS
          --eval_rows=256 --log_interval=10"
   say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
@@ -94,6 +95,13 @@ t0=$SECONDS
 $RUN --init_from=resume --compile=False --max_iters=$((STEPS + MORE)) > "$WORK/resume.txt" 2>&1 \
   || { tail -30 "$WORK/resume.txt"; exit 1; }
 report "$WORK/run" "resume ($((SECONDS - t0)) s)"
+
+t0=$SECONDS  # sharded: a fresh run of the same model under FSDP on every local GPU (compile off: not yet verified)
+# shellcheck disable=SC2086
+$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC train.py --data_dir=$WORK/data \
+  --out_dir=$WORK/fsdp --eval_samples=0 $TRAIN --compile=False --fsdp=True > "$WORK/fsdp.txt" 2>&1 \
+  || { tail -30 "$WORK/fsdp.txt"; exit 1; }
+report "$WORK/fsdp" "fsdp ($NPROC ranks, $((SECONDS - t0)) s with start-up)"
 
 t0=$SECONDS
 for seed in 1 2; do
