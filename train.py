@@ -333,6 +333,25 @@ def full_state(raw_model, optimizer, fsdp):
                                           for g in by_name.get('param_groups', [])]}
 
 
+def place_model(cfg, raw_model, ckpt, device, ddp, use_bf16):
+    """Put the model on its device and wrap it for this run: activation checkpointing, FSDP shards (before the
+    optimizer: it must hold the shards) or DDP, compile; make the optimizer, with its state when resuming.
+    -> (the model the loop calls, the optimizer). raw_model stays the unwrapped module."""
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    raw_model.to(device)
+    raw_model.grad_checkpoint = cfg.grad_checkpoint
+    if cfg.fsdp:
+        shard_model(raw_model, use_bf16)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               device_type)
+    if ckpt is not None:
+        resume_optimizer_and_rng(raw_model, optimizer, ckpt, device_type, cfg.fsdp)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if ddp and not cfg.fsdp:  # FSDP's sharding is already in raw_model
+        model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
+    return model, optimizer
+
+
 def save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best_val_loss, meta, llm_source, master):
     """Every rank calls it (FSDP gathers the shards); rank 0 writes out_dir/ckpt.pt with everything a resume needs,
     atomically; it loads with weights_only=True. A run started from an LLM records it (llm_source), so its resume
@@ -495,18 +514,8 @@ def train(cfg, resume_ckpt=None):
         # model (an LLM start is recorded in the checkpoints, so a resumed run rebuilds the LLM's body)
         llm_source = cfg.init_from[4:] if cfg.init_from.startswith('llm:') else (resume_ckpt or {}).get('llm_source')
         gpt_conf, raw_model, iter_num, best_val_loss = build_model(cfg, meta, data_dir, resume_ckpt, llm_source)
-        raw_model.to(device)
-        raw_model.grad_checkpoint = cfg.grad_checkpoint
-        if cfg.fsdp:
-            shard_model(raw_model, use_bf16)  # before the optimizer: it must hold the shards
-        # optimizer
-        optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                   device_type)
-        if resume_ckpt is not None:
-            resume_optimizer_and_rng(raw_model, optimizer, resume_ckpt, device_type, cfg.fsdp)
-        model = torch.compile(raw_model) if cfg.compile else raw_model
-        if ddp and not cfg.fsdp:  # FSDP's sharding is already in raw_model
-            model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None)
+        # optimizer, and the model as this run calls it (on its device; FSDP shards or DDP; compiled)
+        model, optimizer = place_model(cfg, raw_model, resume_ckpt, device, ddp, use_bf16)
         uncond = raw_model.uncond_text(1)[0]  # the empty caption, swapped in for prompt dropout
         train_batches, val_batches = (Batches(s, device, uncond, cfg.shuffle_teacher) for s in (train_split, val_split))
         peak_flops = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
