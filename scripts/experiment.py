@@ -288,25 +288,28 @@ def tokenizer_ceiling(cfg, world):
 # ----------------------------------------------------------------------------------------------------------------
 # one run: train stage by stage, score every stage, record it at once
 
-def score_checkpoint(ckpt_path, cfg, world, prompts, evaluator, real_images):
-    """Sample one image per prompt at sample.py's default settings and score them with the shapes evaluator."""
+def score_checkpoint(ckpt_path, cfg, world, prompts, evaluator, real_images, cfg_scale=None, temperature=None):
+    """Sample one image per prompt (at sample.py's default settings unless cfg_scale / temperature are given) and
+    score them with the shapes evaluator. Batch b of 250 prompts draws from a generator seeded sample_seed + b's
+    first index, so every checkpoint and setting sees the same noise. -> (metrics, images)."""
     import torch
     from contextlib import nullcontext
-    from sample import SampleConfig, load_gpt, load_matching_vqgan, tokenize_prompts, generate_images
+    from sample import SampleConfig, load_gpt, load_matching_vqgan, load_text_tokenizer, tokenize_prompts, \
+        generate_images
     from data.shapes.evaluate import evaluate_samples
-    settings = SampleConfig()
+    defaults = SampleConfig()
+    cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
+    temperature = defaults.temperature if temperature is None else temperature
     model, ckpt = load_gpt(ckpt_path, 'cpu')
     vq = load_matching_vqgan(ckpt, '', 'cpu')  # the tokenizer the data was encoded with
-    text = tokenize_prompts(prompts, model.config.text_len)
+    text = tokenize_prompts(prompts, model.config.text_len, load_text_tokenizer(ckpt, ''))    # (n, L)
     images = []
     for start in range(0, len(prompts), 250):
         g = torch.Generator().manual_seed(cfg.sample_seed + start)
-        images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, settings.cfg_scale,
-                                      settings.temperature))
+        images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, cfg_scale, temperature))
     images = np.concatenate(images)
     metrics = evaluate_samples(images, prompts, evaluator=evaluator, real_images=real_images, world_name=world)
-    return metrics | dict(cfg_scale=settings.cfg_scale, temperature=settings.temperature, n_prompts=len(prompts)), \
-        images
+    return metrics | dict(cfg_scale=cfg_scale, temperature=temperature, n_prompts=len(prompts)), images
 
 
 def last_val_ce(log_path, step):

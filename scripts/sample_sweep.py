@@ -5,22 +5,18 @@ the Frechet distance to real val images in the evaluator's features). sample.py'
 
     python scripts/sample_sweep.py --ckpt=out/shapes/ckpt.pt --settings="2/0.7,1.5/0.3,2/0"   # cfg/temperature pairs
 
-Samples are drawn in batches of 250 prompts, batch b from a generator seeded with b's first prompt index, so every
-setting sees the same noise. One JSON line per setting on stdout.
+Sampling and scoring are the experiment's (scripts/experiment.py, score_checkpoint): every setting sees the same
+noise. One JSON line per setting on stdout.
 """
 import os
 import sys
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
-
-import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
-from sample import load_gpt, load_matching_vqgan, load_text_tokenizer, tokenize_prompts, generate_images  # noqa: E402
-from data.shapes.evaluate import get_evaluator, real_val_images, evaluate_samples  # noqa: E402
+from data.shapes.evaluate import get_evaluator, real_val_images  # noqa: E402
+from experiment import ExperimentConfig, score_checkpoint  # noqa: E402  (this script's folder is on sys.path)
 
 
 @dataclass
@@ -32,21 +28,15 @@ class SweepConfig:
 
 
 def main(cfg):
-    model, ckpt = load_gpt(cfg.ckpt, 'cpu')
-    vq = load_matching_vqgan(ckpt, '', 'cpu')
     prompts = open(cfg.captions).read().splitlines()[:cfg.n_prompts]
-    text = tokenize_prompts(prompts, model.config.text_len, load_text_tokenizer(ckpt, ''))   # (n, L)
     evaluator, real = get_evaluator(progress=False), real_val_images()
     results = []
     for pair in cfg.settings.split(','):
         cfg_scale, temperature = map(float, pair.split('/'))
-        images = np.concatenate([generate_images(model, vq, text[s:s + 250], nullcontext(),
-                                                 torch.Generator().manual_seed(s), cfg_scale, temperature)
-                                 for s in range(0, len(prompts), 250)])                   # (n, H, W, 3) uint8
-        m = evaluate_samples(images, prompts, evaluator=evaluator, real_images=real)
-        row = dict(cfg_scale=cfg_scale, temperature=temperature, n_prompts=len(prompts),
-                   **{k: round(float(m[k]), 4) for k in ('prompt_acc', 'obj_shape_acc', 'position_acc', 'count_acc',
-                                                         'frechet_evaluator')})
+        m, _ = score_checkpoint(cfg.ckpt, ExperimentConfig(), 'default', prompts, evaluator, real, cfg_scale,
+                                temperature)
+        row = {'n_prompts': len(prompts), **{k: round(float(m[k]), 4) for k in (
+            'cfg_scale', 'temperature', 'prompt_acc', 'obj_shape_acc', 'position_acc', 'count_acc', 'frechet_evaluator')}}
         print(json.dumps(row), flush=True)
         results.append(row)
     return results
