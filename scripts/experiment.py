@@ -6,7 +6,8 @@ same seed (paired).
     python scripts/experiment.py --dry_run=True            # the planned runs, what is done, and the CPU they cost
     python scripts/experiment.py --prepare=True            # render, train the teachers and encode the data dirs
     python scripts/experiment.py                           # the screen: one seed per cell, 1000 steps
-    python scripts/experiment.py --plan=confirm            # 3 paired seeds to 3000 steps: paper defaults, best cell
+    python scripts/experiment.py --plan=confirm            # 3 paired seeds at 1000 steps: paper defaults, best cell
+    python scripts/experiment.py --plan=curves --worlds=plan   # seed 0 of the main cells continued to 3000 steps
     python scripts/experiment.py --cells="plan:scene:1:4:1,plan:none:0:4:1" --seeds=5 --steps=3000
     python scripts/experiment.py --report_only=True        # rebuild results.md and curves.png from results.jsonl
 
@@ -19,11 +20,14 @@ Each (world, teacher) reads its own data dir, data_root/shapes_<world>_<teacher>
 controls read the clip / the named teacher's dir; with align_weight 0 the teacher features are never used). All
 dirs of a world hold the same images, codes and text: only {split}_teacher.bin differs.
 
-Plans (PLANS, `--plan`): `screen` runs each cell once (seed 0) to 1000 steps: per world the baseline, clip and scene
-at lambda 0.1 / 0.3 / 1, clip_strong and clip_shuffled at lambda 1 (4 x 128, block 1), plus on the default world
-depth 8 at block 1 and block 3 (~1/3 of the depth) with its baseline. `confirm` runs, per world, the baseline, the
-paper's defaults and the best screened cell (--best, 'auto' = the largest paired prompt-accuracy gain over its
-baseline at the screen) with 3 seeds to 3000 steps, and continues the shuffled and scene controls (seed 0) to 3000.
+Plans (PLANS, `--plan`), sized for ~8 CPU-hours on 2 cores: `screen` runs each cell once (seed 0) to 1000 steps:
+per world the baseline, clip and scene at lambda 0.3 / 1 and clip_shuffled at lambda 1 (4 x 128, block 1); on the
+plan world clip_strong at lambda 1 (its teacher alone costs ~20 CPU-min per world); on the default world depth 8 at
+block 3 (~1/3 of the depth, REPA's place) with its baseline. `confirm` runs, per world, the baseline, the paper's
+defaults and the best screened cell (--best, 'auto' = the largest paired prompt-accuracy gain over its baseline at
+the screen) with 3 seeds at 1000 steps (--seeds=5 adds two more), plus seed 0 of the controls: the paper's shuffled
+twin, the best cell's shuffled twin and the scene oracle. `curves` continues seed 0 of the baseline, the paper's
+defaults, the best cell and the scene oracle to 3000 steps.
 
 Every run follows the same learning-rate schedule (warmup, cosine ending at schedule_steps = 3000), so a run stopped
 at 1000 steps is the first third of a 3000-step run and the confirm plan continues the screen's runs instead of
@@ -61,10 +65,11 @@ METRICS = [('prompt_acc', 'prompt acc.', 'higher'), ('frechet_evaluator', 'Frech
 PLAN_METRICS = [('count_acc', 'count acc.', 'higher'), ('objects_acc', 'objects acc.', 'higher'),
                 ('relation_acc', 'relation acc.', 'higher')]
 PAIRED = ('prompt_acc', 'frechet_evaluator', 'val_ce')  # the differences the table tests
-# CPU cost model for --dry_run, one thread of the shared 2-core machine: a training step of 4 x 128 ~0.6 s, of
-# 8 x 128 ~1.0 s (600-step runs); sampling one image with guidance ~0.028 s at 4 blocks, ~0.066 s at 8, plus
-# decoding and reading; the CLIP teachers 400 steps x ~0.55 s, the strong one 1600 x ~0.75 s; an encode ~1.5 min.
-SEC_PER_STEP = lambda n_layer: 0.2 + 0.1 * n_layer  # noqa: E731
+# CPU cost model for --dry_run, one thread of the 2-core machine with two runs side by side: a training step of
+# 4 x 128 ~0.40 s (0.32 s with the other core idle), 8 x 128 ~0.67 s; sampling one image with guidance ~0.028 s at 4
+# blocks, ~0.066 s at 8, plus decoding and reading; the CLIP teachers 400 steps x ~0.55 s, the strong one 1600 x
+# ~0.75 s; an encode ~1.5 min.
+SEC_PER_STEP = lambda n_layer: 0.13 + 0.067 * n_layer  # noqa: E731
 SEC_PER_PROMPT = lambda n_layer: 0.005 + 0.0075 * n_layer  # noqa: E731
 PREP_MINUTES = {'clip': 4 + 1.5, 'clip_strong': 20 + 1.5, 'scene': 1.5}
 
@@ -72,12 +77,12 @@ PREP_MINUTES = {'clip': 4 + 1.5, 'clip_strong': 20 + 1.5, 'scene': 1.5}
 @dataclass
 class ExperimentConfig:
     out_dir: str = 'out/regime_map'     # runs/, results.jsonl, results.md, curves.png, teachers/
-    plan: str = 'screen'                # 'screen' | 'confirm' (see the docstring); --cells replaces its cells
+    plan: str = 'screen'                # 'screen' | 'confirm' | 'curves' (docstring); --cells replaces its cells
     cells: str = ''                     # comma-separated 'world:teacher:align_weight:n_layer:align_layer'
     worlds: str = 'default,plan'        # the worlds the plan's cells are made for
-    best: str = 'auto'                  # confirm: the best screened cell(s), comma-separated; 'auto' = from results
+    best: str = 'auto'                  # confirm/curves: the best screened cell(s), comma-separated; 'auto' = results
     seeds: int = 0                      # seeds 0..seeds-1 per cell, shared by all cells (paired); 0 = the plan's
-    steps: int = 0                      # the run length; 0 = the plan's (screen 1000, confirm 3000)
+    steps: int = 0                      # the run length; 0 = the plan's (screen and confirm 1000, curves 3000)
     stages: tuple[int, ...] = (250, 500, 1000, 2000, 3000)  # steps at which each run is scored (those <= steps)
     schedule_steps: int = 3000          # every run's cosine ends here (train.py --lr_decay_iters): runs are prefixes
     full_score_steps: tuple[int, ...] = (1000, 3000)  # stages scored on n_prompts: the rows of the tables
@@ -155,26 +160,39 @@ class Cell:
 def screen_cells(worlds):
     cells = []
     for w in worlds:
-        cells += [f'{w}:none:0:4:1'] + [f'{w}:{t}:{lam}:4:1' for t in ('clip', 'scene') for lam in (0.1, 0.3, 1)]
-        cells += [f'{w}:clip_strong:1:4:1', f'{w}:clip_shuffled:1:4:1']
-        if w == 'default':  # depth: block 1 (the paper's) and block 3 (~1/3 of 8, REPA's place), with its baseline
-            cells += [f'{w}:none:0:8:1', f'{w}:clip:1:8:1', f'{w}:clip:1:8:3']
+        cells += [f'{w}:none:0:4:1'] + [f'{w}:{t}:{lam}:4:1' for t in ('clip', 'scene') for lam in (0.3, 1)]
+        cells += [f'{w}:clip_shuffled:1:4:1']
+        if w == 'plan':     # the strong teacher where the caption leaves the most to the image
+            cells += [f'{w}:clip_strong:1:4:1']
+        if w == 'default':  # depth: block 3 of 8 (~1/3, REPA's place), with its baseline
+            cells += [f'{w}:none:0:8:1', f'{w}:clip:1:8:3']
     return [Cell.parse(c) for c in cells]
 
 
+def shuffled_twin(cell):
+    return Cell(cell.world, cell.kind + '_shuffled', cell.align_weight, cell.n_layer, cell.align_layer)
+
+
 def confirm_cells(worlds, best):
-    """-> (cells with the plan's seeds, control cells continued with seed 0 only)."""
+    """-> (cells with the plan's seeds, control cells with seed 0 only)."""
     main, controls = [], []
     for w in worlds:
-        chosen = [b for b in best if b.world == w]
-        main += [Cell.parse(f'{w}:none:0:4:1'), Cell.parse(PAPER_CELL.format(world=w))]
-        main += [c for b in chosen for c in (b.baseline, b)]
-        controls += [Cell.parse(f'{w}:clip_shuffled:1:4:1'), Cell.parse(f'{w}:scene:1:4:1')]
+        paper, chosen = Cell.parse(PAPER_CELL.format(world=w)), [b for b in best if b.world == w]
+        main += [Cell.parse(f'{w}:none:0:4:1'), paper] + [c for b in chosen for c in (b.baseline, b)]
+        controls += [shuffled_twin(c) for c in [paper] + chosen] + [Cell.parse(f'{w}:scene:1:4:1')]
     main = list(dict.fromkeys(main))
     return main, [c for c in dict.fromkeys(controls) if c not in main]
 
 
-PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=3000)}
+def curve_cells(worlds, best):
+    cells = []
+    for w in worlds:
+        cells += [Cell.parse(f'{w}:none:0:4:1'), Cell.parse(PAPER_CELL.format(world=w))]
+        cells += [c for b in best if b.world == w for c in (b.baseline, b)] + [Cell.parse(f'{w}:scene:1:4:1')]
+    return list(dict.fromkeys(cells))
+
+
+PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=1000), 'curves': dict(seeds=1, steps=3000)}
 
 
 def planned_runs(cfg, rows=None):
@@ -192,6 +210,8 @@ def planned_runs(cfg, rows=None):
         return [(c, s, steps) for s in range(seeds) for c in screen_cells(worlds)]
     best = ([Cell.parse(b) for b in cfg.best.split(',') if b] if cfg.best != 'auto' else
             [best_cell(rows if rows is not None else load_results(cfg.out_dir), w) for w in worlds])
+    if cfg.plan == 'curves':
+        return [(c, s, steps) for s in range(seeds) for c in curve_cells(worlds, best)]
     main, controls = confirm_cells(worlds, best)
     return [(c, s, steps) for s in range(seeds) for c in main] + [(c, 0, steps) for c in controls]
 
@@ -559,26 +579,45 @@ def markdown(summary, ceilings=None):
     return '\n'.join(lines)
 
 
+def paired_curve(rows, cell_text, key):
+    """-> (steps, mean of cell - baseline over the seeds both reached at each step, the number of those seeds)."""
+    base_text = str(Cell.parse(cell_text).baseline)
+    runs = {}
+    for r in rows:
+        if r['cell'] in (cell_text, base_text) and r.get(key) is not None:
+            runs.setdefault(r['step'], {}).setdefault(r['cell'], {})[r['seed']] = r[key]
+    steps, diffs, ns = [], [], []
+    for step in sorted(runs):
+        cell, base = runs[step].get(cell_text, {}), runs[step].get(base_text, {})
+        common = sorted(set(cell) & set(base))
+        if common:
+            steps.append(step)
+            diffs.append(float(np.mean([cell[s] - base[s] for s in common])))
+            ns.append(len(common))
+    return steps, diffs, ns
+
+
 def plot_curves(rows, path):
-    """Val CE, prompt accuracy and the evaluator's Frechet distance against steps: a row per world, a line per
-    cell (mean over its seeds at each scored step); baselines dashed."""
+    """Each cell's paired difference from its baseline (same world, depth, seeds) against training steps, for val CE,
+    prompt accuracy and the evaluator's Frechet distance: a row per world, a line per cell. Seeds differ far more
+    than the arms do at these budgets, so the figure shows differences, not levels; the tables have the levels."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     worlds = [w for w in WORLDS if any(r['world'] == w for r in rows)]
-    keys = [('val_ce', 'val CE (nats/code)'), ('prompt_acc', 'prompt accuracy'), ('frechet_evaluator', 'Frechet')]
+    keys = [('val_ce', 'val CE - baseline (nats/code; lower is better)'),
+            ('prompt_acc', 'prompt accuracy - baseline (higher is better)'),
+            ('frechet_evaluator', 'Frechet - baseline (lower is better)')]
     fig, axes = plt.subplots(len(worlds), 3, figsize=(15, 4 * len(worlds)), squeeze=False)
     for row, world in zip(axes, worlds):
-        cells = sorted({r['cell'] for r in rows if r['world'] == world}, key=cell_order)
+        cells = sorted({r['cell'] for r in rows if r['world'] == world and r['teacher'] != 'none'}, key=cell_order)
         for ax, (key, title) in zip(row, keys):
+            ax.axhline(0, color='black', linewidth=0.8)
             for cell_text in cells:
-                pts = {}
-                for r in rows:
-                    if r['cell'] == cell_text and r.get(key) is not None:
-                        pts.setdefault(r['step'], []).append(r[key])
-                steps = sorted(pts)
-                ax.plot(steps, [np.mean(pts[s]) for s in steps], marker='o', markersize=3, label=cell_text,
-                        linestyle='--' if ':none:' in cell_text else '-')
+                steps, diffs, ns = paired_curve(rows, cell_text, key)
+                if steps:
+                    ax.plot(steps, diffs, marker='o', markersize=3, label=f'{cell_text} (n={max(ns)})',
+                            linestyle=':' if '_shuffled' in cell_text else '-')
             ax.set_title(f'{world} world: {title}', fontsize=9)
             ax.set_xlabel('training step')
             ax.grid(alpha=0.3)
@@ -586,6 +625,41 @@ def plot_curves(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def teacher_rows(cfg):
+    """What each prepared teacher knows: the CLIPs' val retrieval and background probes (saved in teacher.pt by
+    train_teacher.py) and, for every kind, how much of its embedding the caption predicts (meta.json's ridge R^2)."""
+    import torch
+    rows = []
+    for world in WORLDS:
+        for kind in TEACHERS[1:]:
+            meta_path = os.path.join(data_dir(cfg, Cell(world, kind, 1.0, 4, 1)), 'meta.json')
+            if not os.path.exists(meta_path):
+                continue
+            meta = json.load(open(meta_path))
+            row = dict(world=world, teacher=kind, caption_r2=(meta.get('teacher_caption_r2') or {}).get('r2'),
+                       sha256=meta['teacher']['sha256'])
+            path = meta['teacher'].get('path')
+            if path and os.path.exists(path):
+                saved = torch.load(path, map_location='cpu', weights_only=True)
+                row |= {k: saved.get('metrics', {}).get(k) for k in ('top1', 'top1_in_group', 'probe_bg_color',
+                                                                     'probe_bg_texture')}
+                row['train_steps'] = saved.get('iter_num')
+            rows.append(row)
+    return rows
+
+
+def teacher_markdown(rows):
+    fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'  # noqa: E731
+    lines = ['### Teachers', '', '| world | teacher | training steps | val top-1 (of 1000) | top-1 within 100 | '
+             'bg colour / texture probe | caption R^2 (val) |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        probe = 'n/a' if r.get('probe_bg_color') is None else \
+            f'{r["probe_bg_color"]:.3f} / {r["probe_bg_texture"]:.3f}'
+        lines.append(f'| {r["world"]} | {r["teacher"]} | {r.get("train_steps") or "-"} | {fmt(r.get("top1"))} | '
+                     f'{fmt(r.get("top1_in_group"))} | {probe} | {fmt(r["caption_r2"])} |')
+    return '\n'.join(lines + [''])
 
 
 def report(cfg):
@@ -596,11 +670,11 @@ def report(cfg):
         raise SystemExit(f'no results in {os.path.join(cfg.out_dir, "results.jsonl")} yet')
     ceilings = {w: json.load(open(p)) for w in WORLDS
                 if os.path.exists(p := os.path.join(cfg.out_dir, f'ceiling_{w}.json'))}
-    summary = summarise(rows, cfg.full_score_steps)
-    text = markdown(summary, ceilings)
+    summary, teachers = summarise(rows, cfg.full_score_steps), teacher_rows(cfg)
+    text = markdown(summary, ceilings) + ('\n' + teacher_markdown(teachers) if teachers else '')
     print(text)
     atomic_write_bytes((text + '\n').encode(), os.path.join(cfg.out_dir, 'results.md'))
-    atomic_write_bytes(json.dumps(dict(summary=summary, ceilings=ceilings), indent=1).encode(),
+    atomic_write_bytes(json.dumps(dict(summary=summary, ceilings=ceilings, teachers=teachers), indent=1).encode(),
                        os.path.join(cfg.out_dir, 'results.json'))
     plot_curves(rows, os.path.join(cfg.out_dir, 'curves.png'))
     print(f'wrote {cfg.out_dir}/results.md, results.json and curves.png')

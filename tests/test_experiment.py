@@ -64,12 +64,12 @@ def test_screen_plan_has_every_arm_and_a_baseline_for_each_depth():
     cfg = ex.ExperimentConfig()
     runs = ex.planned_runs(cfg)
     cells = [c for c, _, _ in runs]
-    assert len(cells) == len(set(cells)) == 21 and {s for _, s, _ in runs} == {0} and {n for _, _, n in runs} == {1000}
+    assert len(cells) == len(set(cells)) == 15 and {s for _, s, _ in runs} == {0} and {n for _, _, n in runs} == {1000}
     for w in ('default', 'plan'):
         assert ex.Cell.parse(f'{w}:clip:1:4:1') in cells and ex.Cell.parse(f'{w}:clip_shuffled:1:4:1') in cells
-        assert {c.align_weight for c in cells if c.world == w and c.teacher == 'scene'} == {0.1, 0.3, 1.0}
+        assert {c.align_weight for c in cells if c.world == w and c.teacher == 'scene'} == {0.3, 1.0}
     assert all(c.baseline in cells for c in cells)
-    assert ex.Cell.parse('default:clip:1:8:3') in cells
+    assert ex.Cell.parse('default:clip:1:8:3') in cells and ex.Cell.parse('plan:clip_strong:1:4:1') in cells
     one = ex.planned_runs(ex.ExperimentConfig(worlds='plan', cells='plan:scene:1:4:1', seeds=5, steps=3000))
     assert one == [(ex.Cell.parse('plan:scene:1:4:1'), s, 3000) for s in range(5)]
 
@@ -85,9 +85,14 @@ def test_confirm_plan_takes_the_best_screened_cell(results):
     assert {ex.Cell.parse(c) for c in ('default:none:0:4:1', 'default:clip:1:4:1', 'default:scene:0.3:4:1',
                                        'plan:none:0:4:1', 'plan:clip:1:4:1', 'plan:scene:1:4:1')} == three
     controls = {c for c, s, _ in runs if c not in three}
-    assert controls == {ex.Cell.parse('default:clip_shuffled:1:4:1'), ex.Cell.parse('default:scene:1:4:1'),
-                        ex.Cell.parse('plan:clip_shuffled:1:4:1')}
-    assert all(s == 0 for c, s, _ in runs if c in controls) and {n for _, _, n in runs} == {3000}
+    assert controls == {ex.Cell.parse(c) for c in ('default:clip_shuffled:1:4:1', 'default:scene_shuffled:0.3:4:1',
+                                                   'default:scene:1:4:1', 'plan:clip_shuffled:1:4:1',
+                                                   'plan:scene_shuffled:1:4:1')}
+    assert all(s == 0 for c, s, _ in runs if c in controls) and {n for _, _, n in runs} == {1000}
+    # curves: seed 0 of the baseline, the paper's defaults, the best cell and the oracle, to 3000 steps
+    curves = ex.planned_runs(ex.ExperimentConfig(out_dir=str(out), plan='curves', worlds='default'))
+    assert curves == [(ex.Cell.parse(c), 0, 3000) for c in ('default:none:0:4:1', 'default:clip:1:4:1',
+                                                            'default:scene:0.3:4:1', 'default:scene:1:4:1')]
     with pytest.raises(ValueError, match='run the screen first'):
         ex.best_cell(rows, 'plan', full_score_steps=(5000,))
 
@@ -127,9 +132,25 @@ def test_summary_rows_and_paired_statistics(results):
     assert summary['plan@1000']['plan:scene:1:4:1']['metrics']['relation_acc'][0] == pytest.approx(0.35)
 
 
+def fake_teacher_dir(data_root, world, kind, r2, metrics=None):
+    """A prepared dir's meta.json (and, for a CLIP kind, a teacher.pt holding train_teacher.py's metrics)."""
+    import torch
+    d = data_root / f'shapes_{world}_{kind}'
+    d.mkdir(parents=True)
+    teacher = dict(sha256='0' * 64, path=None)
+    if metrics is not None:
+        teacher['path'] = str(d / 'teacher.pt')
+        torch.save(dict(kind='arra-teacher', metrics=metrics, iter_num=400), teacher['path'])
+    (d / 'meta.json').write_text(json.dumps(dict(teacher=teacher, teacher_caption_r2=dict(r2=r2))))
+
+
 def test_report_only_rebuilds_table_and_figure(results, capsys):
     out, rows = results
-    ex.main(ex.ExperimentConfig(out_dir=str(out), report_only=True, full_score_steps=(1000,)))
+    fake_teacher_dir(out / 'data', 'default', 'clip', 0.776, dict(top1=0.568, top1_in_group=0.908,
+                                                                   probe_bg_color=1.0, probe_bg_texture=0.97))
+    fake_teacher_dir(out / 'data', 'plan', 'scene', 0.36)
+    ex.main(ex.ExperimentConfig(out_dir=str(out), report_only=True, full_score_steps=(1000,),
+                                data_root=str(out / 'data')))
     md = (out / 'results.md').read_text()
     assert '### default world, step 1000' in md and '### plan world, step 1000' in md
     line = next(l for l in md.splitlines() if l.startswith('| default:scene:0.3:4:1 |'))
@@ -141,6 +162,10 @@ def test_report_only_rebuilds_table_and_figure(results, capsys):
     plan_header = next(l for l in md.splitlines() if l.startswith('| cell |') and 'relation acc.' in l)
     assert 'count acc.' in plan_header and 'objects acc.' in plan_header
     assert (out / 'curves.png').stat().st_size > 10_000 and json.loads((out / 'results.json').read_text())['summary']
+    # the teachers' table: one row per prepared dir, the CLIP's saved metrics, every kind's caption R^2
+    assert '| default | clip | 400 | 0.568 | 0.908 | 1.000 / 0.970 | 0.776 |' in md.splitlines()
+    assert '| plan | scene | - | n/a | n/a | n/a | 0.360 |' in md.splitlines()
+    assert len(json.loads((out / 'results.json').read_text())['teachers']) == 2
 
 
 def test_dry_run_estimates_only_the_work_left(tmp_path, capsys):
@@ -160,3 +185,17 @@ def test_dry_run_estimates_only_the_work_left(tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'data')  # nothing prepared or run
     with pytest.raises(SystemExit, match='stages'):
         ex.main(ex.ExperimentConfig(**{**cfg.__dict__, 'dry_run': True, 'steps': 1500}))
+
+
+def test_paired_curve_is_the_mean_same_seed_difference(results):
+    """The figure's lines: cell minus baseline over the seeds both have at each step; a seed the baseline lacks is
+    left out rather than compared with another seed's baseline."""
+    _, rows = results
+    rows = [r for r in rows if not (r['cell'] == 'default:none:0:4:1' and r['seed'] == 2 and r['step'] == 1000)]
+    steps, diffs, ns = ex.paired_curve(rows, 'default:scene:0.3:4:1', 'prompt_acc')
+    assert steps == list(STEPS) and ns == [3, 2]
+    value = {(r['cell'], r['seed'], r['step']): r['prompt_acc'] for r in rows}
+    for step, diff, seeds in zip(steps, diffs, ([0, 1, 2], [0, 1])):
+        expect = np.mean([value['default:scene:0.3:4:1', s, step] - value['default:none:0:4:1', s, step]
+                          for s in seeds])
+        assert diff == pytest.approx(expect)
