@@ -185,11 +185,9 @@ def confirm_cells(worlds, best):
 
 
 def curve_cells(worlds, best):
-    cells = []
-    for w in worlds:
-        cells += [Cell.parse(f'{w}:none:0:4:1'), Cell.parse(PAPER_CELL.format(world=w))]
-        cells += [c for b in best if b.world == w for c in (b.baseline, b)] + [Cell.parse(f'{w}:scene:1:4:1')]
-    return list(dict.fromkeys(cells))
+    """Per world, confirm's main cells (baseline, paper's defaults, best cell and its baseline) and the scene oracle."""
+    per_world = (confirm_cells([w], best)[0] + [Cell.parse(f'{w}:scene:1:4:1')] for w in worlds)
+    return list(dict.fromkeys(c for cells in per_world for c in cells))
 
 
 PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=1000), 'curves': dict(seeds=1, steps=3000)}
@@ -631,13 +629,14 @@ def teacher_rows(cfg):
     """What each prepared teacher knows: the CLIPs' val retrieval and background probes (saved in teacher.pt by
     train_teacher.py) and, for every kind, how much of its embedding the caption predicts (meta.json's ridge R^2)."""
     import torch
+    from data.common import read_meta
     rows = []
     for world in WORLDS:
         for kind in TEACHERS[1:]:
-            meta_path = os.path.join(data_dir(cfg, Cell(world, kind, 1.0, 4, 1)), 'meta.json')
-            if not os.path.exists(meta_path):
+            d = data_dir(cfg, Cell(world, kind, 1.0, 4, 1))
+            if not os.path.exists(os.path.join(d, 'meta.json')):
                 continue
-            meta = json.load(open(meta_path))
+            meta = read_meta(d)
             row = dict(world=world, teacher=kind, caption_r2=(meta.get('teacher_caption_r2') or {}).get('r2'),
                        sha256=meta['teacher']['sha256'])
             path = meta['teacher'].get('path')
