@@ -4,15 +4,16 @@ to a plan for objects it has not drawn yet (where they go, how many are still to
 
     python data/shapes/prepare.py --world=plan --out_dir=data/shapes_plan
 
-Same canvas, grid, shapes, colours, sizes, backgrounds and renderer as world.py, so the evaluator reads it unchanged;
-only the scene sampler and the caption grammar differ. The rules, for people, are in data/shapes/README.md:
+Same canvas, grid, shapes, colours, sizes, backgrounds and renderer as world.py (all of them canvas.py's, which this
+module builds on), so the evaluator reads it unchanged; only the scene sampler and the caption grammar differ. The
+rules, for people, are in data/shapes/README.md:
 1-3 objects in distinct cells; with two or more, sometimes a counted group of identical objects ("two large red
 circles") or a spatial relation between two objects ("a small blue square above a large red circle"), whose cells
 the caption does not name; every other object is named alone, its cell given only half of the time.
 
 Everything is a pure function of a seeded numpy Generator (world.make_split(..., world='plan')).
 """
-from data.shapes.world import CELL_NAMES, background_phrase, draw_objects, draw_background
+from data.shapes.canvas import CELL_NAMES, background_phrase, draw_objects, draw_background
 
 MAX_OBJECTS = 3
 P_COUNT = 1 / 3           # with >= 2 objects: the first k of them (k uniform in 2..n) become one counted group
