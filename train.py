@@ -14,14 +14,14 @@ One node, 8 GPUs (DDP through torchrun):
     torchrun --nproc_per_node=8 train.py --dataset=imagenet
 Models too large for DDP (XL and up): weights, gradients and AdamW states sharded over the ranks (PyTorch FSDP):
     torchrun --nproc_per_node=8 train.py --dataset=imagenet --model=XXL --fsdp=True
-Two nodes: the same under `torchrun --nnodes=2 --node_rank=...` (README, "Training at scale").
+Two nodes: the same under `torchrun --nnodes=2 --node_rank=...` (docs/training-at-scale.md).
 
 Writes out_dir/ckpt.pt (atomic; the uncompiled model, optimizer, configs, RNG states, the data's meta.json),
-log.jsonl (one JSON line per log / eval), config.json and sample grids. README, "How train.py works": the rest.
+log.jsonl (one JSON line per log / eval), config.json and sample grids. How it works: docs/design-notes.md. Under
+torchrun the process group, FSDP's shards and full checkpoints are distributed.py's; the run's files runlog.py's.
 """
 import os
 import sys
-import json
 import time
 import dataclasses
 from contextlib import nullcontext
@@ -35,8 +35,10 @@ from tqdm import tqdm
 
 from configurator import configure, config_from_dict, ConfigError
 from model import GPT, preset_config, config_from_checkpoint
-from utils import (REPO_ROOT, CheckpointError, atomic_torch_save, load_checkpoint, file_sha256, pick_device,
-                   distributed, lr_schedule, measure_peak_flops)
+from utils import (REPO_ROOT, CheckpointError, atomic_torch_save, load_checkpoint, pick_device, lr_schedule,
+                   measure_peak_flops, rng_states, set_rng_states)
+from runlog import RunLog, describe_run
+from distributed import process_group, shard_model, gradient_sync, load_optimizer_state, full_state
 from data.common import PreparedDataError, open_prepared, Batches, global_batch_rows, uncond_rows, step_seed
 from sample import TrainingGrid
 
@@ -200,56 +202,17 @@ def gpt_config(cfg, meta):
     return preset_config(cfg.model, **gpt_overrides(cfg, meta))
 
 
-def start_from_llm(source, meta, data_dir, overrides):
-    """--init_from=llm:SOURCE -> the GPT with the LLM's weights (llm.py), once the captions of data_dir are known to
-    be in the LLM's own tokenizer (its tokenizer.json, by sha256)."""
-    from llm import from_pretrained_llm, resolve_llm_dir
-    folder = resolve_llm_dir(source)
-    tokenizer_file = os.path.join(folder, 'tokenizer.json')
-    recorded = meta.get('text_tokenizer')
-    if not os.path.isfile(tokenizer_file) or not isinstance(recorded, dict) or \
-            recorded.get('sha256') != file_sha256(tokenizer_file):
-        used = recorded.get('path') if isinstance(recorded, dict) and recorded.get('path') else 'open_clip BPE'
-        command = meta.get('prepare_command', 'the prepare step of this dataset')
-        raise TrainError(f'the captions in {data_dir} were tokenized with {used}, not with the tokenizer of the LLM '
-                         f'{source} ({tokenizer_file}{"" if os.path.isfile(tokenizer_file) else ", missing"}): '
-                         f'prepare them with it: `{command} --text_tokenizer={source}`')
-    return from_pretrained_llm(folder, **overrides)
-
-
 def new_model(cfg, meta, data_dir, llm_source, ckpt):
     """A GPT with fresh weights: a size preset, or the body of the LLM llm_source (read from the LLM when starting
     from it, rebuilt from the checkpoint's model_config when resuming such a run)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     if cfg.init_from.startswith('llm:'):
+        from llm import start_from_llm
         return start_from_llm(llm_source, meta, data_dir, gpt_overrides(cfg, meta))
     if llm_source:
         from llm import llm_gpt_config
         return GPT(llm_gpt_config(ckpt['model_config'], **gpt_overrides(cfg, meta)))
     return GPT(gpt_config(cfg, meta))
-
-
-def shard_model(model, use_bf16):
-    """--fsdp=True: shard the GPT in place with PyTorch's fully_shard (FSDP2). Each block is its own unit, gathered
-    just before it computes and freed after; the root unit holds the rest (embeddings, norm, head, projector). On
-    CUDA the gathered weights are bf16 while the shards (the master weights AdamW updates) and the gradient
-    reduction stay fp32; on CPU everything is fp32. Parameter names do not change, so state dicts keep their keys."""
-    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 else \
-        MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def gradient_sync(model, raw_model, fsdp, last_micro):
-    """The context of one micro-step's forward and backward: gradients are all-reduced (DDP) or reduce-scattered
-    (FSDP) across ranks on the last micro-step only; earlier ones accumulate locally."""
-    if fsdp:
-        raw_model.set_requires_gradient_sync(last_micro)
-        return nullcontext()
-    return model.no_sync() if isinstance(model, DDP) and not last_micro else nullcontext()
 
 
 def describe_differences(a, b):
@@ -280,57 +243,13 @@ def build_model(cfg, meta, data_dir, ckpt, llm_source):
     return gpt_conf, model, ckpt['iter_num'], ckpt['best_val_loss']
 
 
-def parameter_names(model, optimizer):
-    """The names of the optimizer's parameters in its order: index i of optimizer.state_dict() is name i."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group['params']]
-
-
-def load_sharded_optimizer(model, optimizer, saved):
-    """Under FSDP: load a full optimizer state (keyed by index, as one process saves it) into this rank's shards.
-    Every rank holds the file's full tensors; set_optimizer_state_dict keeps each rank's slice."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
-    names = parameter_names(model, optimizer)
-    saved_indices = [i for group in saved['param_groups'] for i in group['params']]
-    if sorted(saved_indices) != list(range(len(names))):
-        raise ValueError(f'{len(saved_indices)} saved parameters for {len(names)} optimized ones')
-    by_name = {'state': {names[i]: s for i, s in saved['state'].items()},
-               'param_groups': [{**g, 'params': [names[i] for i in g['params']]} for g in saved['param_groups']]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
-
 def resume_optimizer_and_rng(model, optimizer, ckpt, device_type, fsdp):
     try:
-        if fsdp:
-            load_sharded_optimizer(model, optimizer, ckpt['optimizer'])
-        else:
-            optimizer.load_state_dict(ckpt['optimizer'])
+        load_optimizer_state(model, optimizer, ckpt['optimizer'], fsdp)
     except ValueError as e:
         raise TrainError(f'the checkpoint optimizer state does not fit this model ({e}); did align_weight change '
                          f'between 0 and > 0? Resume with the original value') from None
-    rng = ckpt.get('rng', {})
-    if 'torch' in rng:
-        torch.set_rng_state(rng['torch'])
-    if device_type == 'cuda' and rng.get('cuda'):
-        torch.cuda.set_rng_state_all(rng['cuda'])
-
-
-def full_state(raw_model, optimizer, fsdp):
-    """-> (model state dict, optimizer state dict) as one process holds them. Under FSDP the full tensors are
-    gathered from the shards (a collective: every rank calls it; rank 0 receives them, on the CPU, the others get
-    empty dicts) and the optimizer's, keyed by parameter name there, is keyed by index as optimizer.state_dict()
-    is: a checkpoint is the same file whatever the layout that wrote it, and loads under any other."""
-    if not fsdp:
-        return raw_model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, \
-        StateDictOptions
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(raw_model, options=options)
-    by_name = get_optimizer_state_dict(raw_model, optimizer, options=options)
-    index = {name: i for i, name in enumerate(parameter_names(raw_model, optimizer))}
-    return model_state, {'state': {index[n]: s for n, s in by_name.get('state', {}).items()},
-                         'param_groups': [{**g, 'params': [index[n] for n in g['params']]}
-                                          for g in by_name.get('param_groups', [])]}
+    set_rng_states(ckpt.get('rng', {}), cuda=device_type == 'cuda')
 
 
 def place_model(cfg, raw_model, ckpt, device, ddp, use_bf16):
@@ -359,9 +278,7 @@ def save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best
     model_state, optimizer_state = full_state(raw_model, optimizer, cfg.fsdp)
     if not master:
         return
-    rng = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and next(raw_model.parameters()).is_cuda:
-        rng['cuda'] = torch.cuda.get_rng_state_all()
+    rng = rng_states(cuda=torch.cuda.is_available() and next(raw_model.parameters()).is_cuda)
     atomic_torch_save({'kind': CHECKPOINT_KIND, 'model': model_state, 'optimizer': optimizer_state,
                        'model_config': asdict(gpt_conf), 'config': asdict(cfg), 'iter_num': iter_num,
                        'best_val_loss': best_val_loss, 'rng': rng, 'data_meta': meta,
@@ -369,80 +286,7 @@ def save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# logging and eval
-
-def describe_run(cfg, data_dir, meta, splits, model, world, device, use_bf16, peak_flops):
-    """What is about to be trained, on what: printed once at the start."""
-    c, n_proj, batch = model.config, sum(p.numel() for p in model.projector.parameters()), cfg.batch_size * world
-    return '\n'.join(['config:'] + [f'  {k} = {v!r}' for k, v in asdict(cfg).items()] + [
-        f'data {data_dir}: {len(splits[0])} train / {len(splits[1])} val rows, {c.image_tokens} codes of '
-        f'{c.codebook_size}, text_len {c.text_len}, teacher {meta["teacher"].get("name")} (D = {c.teacher_dim})',
-        f'model: {"blocks and text table from an LLM (llm.py); " if cfg.init_from.startswith("llm:") else ""}'
-        f'{model.num_params() / 1e6:.2f}M parameters ({model.num_params(body_only=True) / 1e6:.2f}M body) + '
-        f'projector {n_proj / 1e6:.3f}M ({"trained" if cfg.align_weight else "frozen"}); {world} rank(s) on {device} '
-        f'({"FSDP" if cfg.fsdp else "DDP" if world > 1 else "one process"}), {"bf16" if use_bf16 else "fp32"}; '
-        f'global batch {batch * cfg.grad_accum} rows; peak {peak_flops / 1e9:.1f} GFLOP/s per device '
-        f'({"given" if cfg.peak_flops else "measured"})'])
-
-
-class RunLog:
-    """The run's log: config.json and log.jsonl (one JSON line per train / eval entry) in out_dir, written by rank 0
-    and made only once all input is checked (bad input leaves no half-made out_dir); .history on every rank; and the
-    train losses of the steps since the last log (summed over ranks at the log) with the time they took."""
-
-    def __init__(self, cfg, out_dir, data_dir, world, master, resumed_at, model, peak_flops):
-        """resumed_at: the checkpoint's iter_num when resuming (log lines after it are dropped), else None."""
-        self.path, self.master, self.history, self.world = os.path.join(out_dir, 'log.jsonl'), master, [], world
-        self.window = torch.zeros(3, device=next(model.parameters()).device, dtype=torch.float64)  # CE, align, steps
-        seq_len = model.config.text_len + model.config.image_tokens
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * seq_len  # every position, summed over ranks
-        self.mfu_of = lambda dt: model.estimate_mfu(cfg.batch_size * cfg.grad_accum, dt, peak_flops)
-        if not master:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-            json.dump(asdict(cfg) | {'resolved_data_dir': data_dir, 'world_size': world}, f, indent=1)
-        if resumed_at is None:
-            if os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-                self.print(f'note: starting from scratch; {out_dir}/ckpt.pt will be overwritten at the first save')
-            open(self.path, 'w').close()
-        elif os.path.exists(self.path):  # drop lines a crashed run logged after its last checkpoint
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= resumed_at]
-            with open(self.path, 'w') as f:
-                f.writelines(kept)
-
-    def print(self, msg):
-        if self.master:
-            tqdm.write(msg)
-
-    def record(self, entry, msg):
-        self.history.append(entry)
-        if self.master:
-            with open(self.path, 'a') as f:
-                f.write(json.dumps(entry) + '\n')
-        self.print(msg)
-
-    def add_step(self, step_losses):
-        self.window += torch.cat([step_losses, step_losses.new_ones(1)])
-
-    def restart_clock(self):
-        self.t0 = time.time()
-
-    def record_train(self, it, lr):
-        """Log the steps since the last call: mean losses, time per step, tokens/s, MFU; start a new window."""
-        if self.world > 1:
-            dist.all_reduce(self.window)
-            self.window /= self.world
-        ce, align, n = self.window.tolist()
-        dt = (time.time() - self.t0) / n
-        e = dict(kind='train', iter=it, train_ce=ce / n, train_align=align / n, lr=lr, dt_ms=1000 * dt,
-                 tokens_per_s=self.tokens_per_step / dt, mfu=self.mfu_of(dt))
-        self.record(e, f'iter {it}: train CE {e["train_ce"]:.4f}, align {e["train_align"]:.4f}, lr {lr:.2e}, '
-                       f'{e["dt_ms"]:.0f} ms/step, {e["tokens_per_s"]:,.0f} tokens/s, MFU {100 * e["mfu"]:.1f}%')
-        self.window.zero_()
-        self.restart_clock()
-
+# eval (what the run prints and writes: runlog.py)
 
 def non_finite_error(it, step_losses, grad_norm, out_dir):
     kept = os.path.join(out_dir, 'ckpt.pt')
@@ -502,7 +346,7 @@ class Evaluator:
 
 def train(cfg, resume_ckpt=None):
     """Run the training described by cfg (under torchrun: one rank of it). Returns the list of logged dicts."""
-    with distributed(cfg.device) as (ddp, rank, world, device):
+    with process_group(cfg.device) as (ddp, rank, world, device):
         # setup: precision (bf16 autocast on CUDA only)
         master, device_type = rank == 0, 'cuda' if device.startswith('cuda') else 'cpu'
         use_bf16 = device_type == 'cuda' and cfg.dtype in ('auto', 'bfloat16') and torch.cuda.is_bf16_supported()

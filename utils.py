@@ -1,7 +1,8 @@
 """
 Small helpers shared by the scripts: atomic file writes (a crash never leaves a half-written checkpoint or array
 behind), checkpoint loading with clear errors, the learning-rate schedule of every trainer, PNG image grids a person
-can look at, and the device plumbing every script repeats. Imports only torch, numpy and PIL.
+can look at, and the device choice every script repeats (torchrun's process group is in distributed.py). Imports
+only torch, numpy and PIL.
 """
 import os
 import math
@@ -9,11 +10,9 @@ import time
 import hashlib
 import tempfile
 import textwrap
-from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +59,19 @@ def load_checkpoint(path, kind=None):
     except Exception as e:  # truncated file, not a torch file, or pickled objects that weights_only refuses
         raise CheckpointError(f'could not read checkpoint {path!r}: {type(e).__name__}: {e}. The file is corrupt or '
                            f'not a checkpoint of this project; retrain it or point to the right file.') from e
+
+
+def rng_states(cuda):
+    """torch's random number generator states (and every CUDA device's when cuda), for a checkpoint."""
+    return {'torch': torch.get_rng_state(), **({'cuda': torch.cuda.get_rng_state_all()} if cuda else {})}
+
+
+def set_rng_states(rng, cuda):
+    """Restore what rng_states saved (the CUDA states only when cuda and saved)."""
+    if 'torch' in rng:
+        torch.set_rng_state(rng['torch'])
+    if cuda and rng.get('cuda'):
+        torch.cuda.set_rng_state_all(rng['cuda'])
 
 
 def lr_schedule(it, warmup_iters, decay_iters, lr, min_lr, decay=True):
@@ -147,22 +159,3 @@ def pick_device(device='auto'):
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     return device
 
-
-@contextmanager
-def distributed(device):
-    """-> (ddp, rank, world, device) of this process. Under torchrun (RANK set) it joins the process group (NCCL on
-    CUDA, gloo on CPU) for the length of the run, on device cuda:LOCAL_RANK; alone it is rank 0 of 1."""
-    if int(os.environ.get('RANK', -1)) == -1:
-        yield False, 0, 1, pick_device(device)
-        return
-    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    use_cuda = pick_device(device).startswith('cuda')
-    device = f'cuda:{local_rank}' if use_cuda else 'cpu'
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-    try:
-        yield True, rank, world, device
-        dist.barrier()  # leave together: a rank that quits while rank 0 still writes its checkpoint can abort gloo
-    finally:
-        dist.destroy_process_group()
