@@ -3,9 +3,10 @@ Start the text-to-image GPT from a pretrained text-only LLM of the Llama family,
 Chameleon-7B's text weights: nanoGPT's `init_from='gpt2'` for the blocks model.py already follows (RMSNorm, SwiGLU,
 rotary, bias-free attention, grouped-query heads).
 
-    python train.py --init_from=llm:path/to/SmolLM2-135M ...   # see README.md, "Start from a text-only LLM"
+    python train.py --init_from=llm:path/to/SmolLM2-135M ...   # see docs/llm.md
     python llm.py                                              # fine-tuning memory estimates for some LLM sizes
-    python llm.py scale                                        # memory per GPU of every size, DDP vs FSDP
+    python llm.py scale                                        # memory per GPU of every size, DDP vs FSDP, and the
+                                                               # compute of the ImageNet recipe (an estimate)
 
     from llm import from_pretrained_llm
     model = from_pretrained_llm('path/to/SmolLM2-135M', codebook_size=16384, image_tokens=256, text_len=77,
@@ -249,6 +250,24 @@ def from_pretrained_llm(path_or_hub_id, **gpt_overrides):
     return load_llm_weights(model, folder)
 
 
+def start_from_llm(source, meta, data_dir, gpt_overrides):
+    """train.py --init_from=llm:SOURCE -> from_pretrained_llm(SOURCE), once the captions of data_dir (its meta.json)
+    are known to be in the LLM's own tokenizer (its tokenizer.json, by sha256); else an error naming the prepare
+    command to re-run."""
+    from utils import file_sha256
+    folder = resolve_llm_dir(source)
+    tokenizer_file = os.path.join(folder, 'tokenizer.json')
+    recorded = meta.get('text_tokenizer')
+    if not os.path.isfile(tokenizer_file) or not isinstance(recorded, dict) or \
+            recorded.get('sha256') != file_sha256(tokenizer_file):
+        used = recorded.get('path') if isinstance(recorded, dict) and recorded.get('path') else 'open_clip BPE'
+        command = meta.get('prepare_command', 'the prepare step of this dataset')
+        raise LLMError(f'the captions in {data_dir} were tokenized with {used}, not with the tokenizer of the LLM '
+                       f'{source} ({tokenizer_file}{"" if os.path.isfile(tokenizer_file) else ", missing"}): '
+                       f'prepare them with it: `{command} --text_tokenizer={source}`')
+    return from_pretrained_llm(folder, **gpt_overrides)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # memory estimate
 
@@ -301,7 +320,7 @@ SHARDED_SIZES = {'3B': dict(n_layer=24, n_head=32, n_embd=3200),
 
 
 def scale_table(batch_size=32, world=8):
-    """The README's table "Sharded training (FSDP)": per-GPU memory of each size under DDP and FSDP on `world` GPUs
+    """docs/sharded-training.md's memory table: per-GPU memory of each size under DDP and FSDP on `world` GPUs
     at `batch_size` rows of 256 codes per GPU."""
     from model import PRESETS
     print(f'| model | parameters | bytes/param DDP | bytes/param FSDP x{world} | DDP states | FSDP states | '
@@ -316,11 +335,49 @@ def scale_table(batch_size=32, world=8):
               f'{fsdp["total_gib"]:.1f} GiB | {recompute["total_gib"]:.1f} GiB |')
 
 
+# The paper's ImageNet recipe (LlamaGen's): 300 epochs over ImageNet-1k's 1,281,167 train images, one sequence of
+# our ImageNet text length (data/imagenet/prepare.py's text_len: 'a photo of a {class}.') + 256 codes each.
+IMAGENET_TRAIN_IMAGES, IMAGENET_EPOCHS, IMAGENET_TEXT_LEN = 1_281_167, 300, 16
+H100_BF16_PEAK = 989e12   # FLOP/s: an H100 SXM's dense bf16 peak (datasheet)
+ASSUMED_MFU = 0.40        # an assumed model FLOPs utilisation, not one measured here
+
+
+def compute_rows(names=('B', 'L', 'XL'), gpus=8, peak=H100_BF16_PEAK, mfu=ASSUMED_MFU):
+    """Training FLOPs of the ImageNet recipe for each preset (GPT.flops_per_sequence x sequences, ARRA's projector
+    included) and the GPU-hours and days on one node of `gpus` GPUs at `mfu` of `peak`: an estimate."""
+    from model import PRESETS
+    sequences = IMAGENET_EPOCHS * IMAGENET_TRAIN_IMAGES
+    rows = []
+    for name in names:
+        with torch.device('meta'):
+            model = GPT(GPTConfig(**PRESETS[name], **{**IMAGENET_SHAPE, 'text_len': IMAGENET_TEXT_LEN}))
+        flops = model.flops_per_sequence() * sequences
+        gpu_hours = flops / (mfu * peak) / 3600
+        rows.append(dict(model=name, params=model.num_params(), flops_per_sequence=model.flops_per_sequence(),
+                         sequences=sequences, flops=flops, gpu_hours=gpu_hours, node_days=gpu_hours / gpus / 24))
+    return rows
+
+
+def compute_table(gpus=8, peak=H100_BF16_PEAK, mfu=ASSUMED_MFU):
+    """docs/sharded-training.md's compute table: what the ImageNet recipe costs, on paper."""
+    print(f'Compute of the ImageNet recipe ({IMAGENET_EPOCHS} epochs x {IMAGENET_TRAIN_IMAGES:,} images, '
+          f'{IMAGENET_TEXT_LEN} text tokens + {IMAGENET_SHAPE["image_tokens"]} codes), an estimate: '
+          f'{100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s per GPU (an H100\'s dense bf16), {gpus} GPUs')
+    print(f'| model | parameters | training FLOPs per sequence | training FLOPs | GPU-hours | days on one '
+          f'{gpus}-GPU node |')
+    print('|---|---|---|---|---|---|')
+    for r in compute_rows(gpus=gpus, peak=peak, mfu=mfu):
+        print(f'| {r["model"]} | {r["params"] / 1e9:.2f}B | {r["flops_per_sequence"]:.3g} | {r["flops"]:.3g} | '
+              f'{r["gpu_hours"]:,.0f} | {r["node_days"]:.1f} |')
+
+
 def main(argv):
-    """Print the memory tables of README.md: `python llm.py 1 8` (LLM fine-tuning on one GPU, batch 1 and 8) or
-    `python llm.py scale` (every size under DDP and FSDP on 8 GPUs, batch 32)."""
+    """Print the memory tables of docs/llm.md and docs/sharded-training.md: `python llm.py 1 8` (LLM fine-tuning on one GPU, batch 1 and 8) or
+    `python llm.py scale` (every size under DDP and FSDP on 8 GPUs, batch 32, then the ImageNet recipe's compute)."""
     if argv[:1] == ['scale']:
-        return scale_table()
+        scale_table()
+        print()
+        return compute_table()
     shape = dict(IMAGENET_SHAPE, text_pad_id=0, text_sot_id=0, text_eot_id=0)
     batch_sizes = [int(b) for b in argv] or [1, 8]
     print('| LLM | parameters | weights + grads + AdamW | ' +
