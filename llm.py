@@ -372,8 +372,9 @@ def compute_table(gpus=8, peak=H100_BF16_PEAK, mfu=ASSUMED_MFU):
 
 
 def main(argv):
-    """Print the memory tables of docs/llm.md and docs/sharded-training.md: `python llm.py 1 8` (LLM fine-tuning on one GPU, batch 1 and 8) or
-    `python llm.py scale` (every size under DDP and FSDP on 8 GPUs, batch 32, then the ImageNet recipe's compute)."""
+    """Print the tables of docs/llm.md and docs/sharded-training.md: `python llm.py 1 8` (LLM fine-tuning memory on
+    one GPU, batch 1 and 8) or `python llm.py scale` (every size under DDP and FSDP on 8 GPUs, batch 32, then the
+    ImageNet recipe's compute)."""
     if argv[:1] == ['scale']:
         scale_table()
         print()

@@ -119,9 +119,10 @@ def test_the_check_fails_on_a_dangling_link_or_anchor(tmp_path):
         '[ref]: also-missing.md', '',
         '```bash', 'echo "[not a link](nowhere.md)"', '```',
         'Inline `[not a link](nowhere.md)` either.', '']))
+    other = os.path.relpath(tmp_path / 'other.md', REPO)
     assert broken_links(str(page)) == [
         (4, 'missing.md', 'no such file'),
-        (4, 'other.md#no-such-section', f'no heading #no-such-section in {os.path.relpath(tmp_path / "other.md", REPO)}'),
+        (4, 'other.md#no-such-section', f'no heading #no-such-section in {other}'),
         (4, '#nowhere', f'no heading #nowhere in {os.path.relpath(page, REPO)}'),
         (5, 'also-missing.md', 'no such file')]
     page.write_text('# Title\n\n[other](other.md#other-page) and [here](#title)\n')
