@@ -395,13 +395,15 @@ def describe_run(cfg, data_dir, meta, splits, model, world, device, use_bf16, pe
     """What is about to be trained, on what: printed once at the start."""
     c, batch = model.config, cfg.batch_size * world
     n_proj = sum(p.numel() for h in (model.projector, model.patch_projector) if h is not None for p in h.parameters())
+    trained = any(h is not None and w for h, w in ((model.projector, cfg.align_weight),
+                                                   (model.patch_projector, cfg.patch_weight)))
     return '\n'.join(['config:'] + [f'  {k} = {v!r}' for k, v in asdict(cfg).items()] + [
         f'data {data_dir}: {len(splits[0])} train / {len(splits[1])} val rows, {c.image_tokens} codes of '
         f'{c.codebook_size}, text_len {c.text_len}, teacher {meta["teacher"].get("name")} (D = {c.teacher_dim}'
         f'{f", patch targets D_p = {c.patch_dim}" if c.patch_dim else ""}; align_target {c.align_target})',
         f'model: {"blocks and text table from an LLM (llm.py); " if cfg.init_from.startswith("llm:") else ""}'
         f'{model.num_params() / 1e6:.2f}M parameters ({model.num_params(body_only=True) / 1e6:.2f}M body) + '
-        f'projector {n_proj / 1e6:.3f}M ({"trained" if cfg.align_weight else "frozen"}); {world} rank(s) on {device} '
+        f'projector {n_proj / 1e6:.3f}M ({"trained" if trained else "frozen"}); {world} rank(s) on {device} '
         f'({"FSDP" if cfg.fsdp else "DDP" if world > 1 else "one process"}), {"bf16" if use_bf16 else "fp32"}; '
         f'global batch {batch * cfg.grad_accum} rows; peak {peak_flops / 1e9:.1f} GFLOP/s per device '
         f'({"given" if cfg.peak_flops else "measured"})'])
@@ -579,7 +581,7 @@ def train(cfg, resume_ckpt=None):
                 loss = out.loss + alignment_objective(out, cfg.align_weight, cfg.patch_weight)
                 # backward
                 (loss / cfg.grad_accum).backward()
-                step_losses += torch.stack([out.loss.detach(), logged_alignment(out).detach()]).double() / cfg.grad_accum
+                step_losses += torch.stack([out.loss, logged_alignment(out)]).detach().double() / cfg.grad_accum
             # clip; a non-finite norm (the same on every rank) stops all ranks before the weights are touched
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
             if cfg.fsdp:  # the norm over all shards, as a replicated DTensor: the plain tensor, the same on every rank

@@ -554,8 +554,8 @@ def test_generate_gives_identical_codes_with_the_projector_deleted(heads):
             for p in head.parameters() if head is not None else ():
                 p.normal_(0.0, 10.0)              # any use of a projector would now change the logits a lot
     base = GPT(GPTConfig(**TINY))
-    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith(('projector.', 'patch_projector.'))},
-                         strict=True)
+    heads = ('projector.', 'patch_projector.')
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith(heads)}, strict=True)
     text = prompt([[1, 2, 3], [4]], m.config.text_len)
     run = lambda model: model.generate(text, cfg_scale=2.0, generator=torch.Generator().manual_seed(7))  # noqa: E731
     assert torch.equal(run(m), run(base.eval()))
