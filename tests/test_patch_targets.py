@@ -3,7 +3,7 @@ shapes patch oracle, the encode step writing {split}_teacher_patch.bin with its 
 shuffled control) reading them, and train.py with --align_target=patch|both, including the clear error for a data
 dir without them. Tiny random tokenizer / teacher / data, a few seconds each."""
 import os
-import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import torch
 
 import train
 from conftest import TINY, TINY_GPT_ARGS
-from data.common import PreparedSplit, Batches, derangement, read_meta, write_meta, open_patch_targets
+from data.common import PreparedSplit, Batches, derangement, read_meta, write_meta
 from data.encode import resample_patch_grid, write_patch_targets, patch_meta
 from data.shapes import teachers
 from data.shapes.world import render
@@ -127,6 +127,10 @@ def test_encode_adds_the_patch_memmaps_with_their_meta(shapes_dir, capsys):
         want = resample_patch_grid(tokens, (4, 4), (8, 8)).numpy().astype(np.float16)
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
     encode_dataset(replace(cfg, patch_targets=True), progress=False)
+    assert 'already holds patch targets' in capsys.readouterr().out
+    moved = os.path.join(os.path.dirname(cfg.teacher), 'moved_teacher.pt')   # the same file elsewhere: still the same
+    shutil.copy(cfg.teacher, moved)
+    encode_dataset(replace(cfg, patch_targets=True, teacher=moved), progress=False)
     assert 'already holds patch targets' in capsys.readouterr().out
 
 

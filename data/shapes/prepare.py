@@ -208,7 +208,9 @@ def encode_patch_targets(cfg, meta, teacher, splits, progress=True):
     rec, grid = meta.get('teacher_patch'), tuple(meta['grid'])
     scene = isinstance(teacher, teachers.SceneTeacher)
     expected = teachers.ScenePatchTeacher().identity() if scene else teacher.identity()
-    if isinstance(rec, dict) and rec.get('teacher') == expected and \
+    def same(a, b):  # the same teacher, wherever its file now lies
+        return a.get('sha256') is not None and all(a.get(k) == b.get(k) for k in ('name', 'sha256'))
+    if isinstance(rec, dict) and same(rec.get('teacher', {}), expected) and \
             all(open_patch_targets(cfg.out_dir, s, meta) is not None for s in splits):
         print(f'{cfg.out_dir} already holds patch targets of this teacher; skipping')
         return meta
