@@ -49,12 +49,19 @@ class GPTConfig:
     projector_hidden: int = 0       # hidden width of the projector MLP; 0 = teacher_dim (the paper's choice)
     align_layer: int = 1            # align the hidden state after this many blocks (1 = first block, paper default)
     align_positions: str = 'hybnext'  # 'hybnext': all T image prediction positions (BOI, c_0..c_{T-2}); 'rep': BOI only
+    align_target: str = 'global'    # 'global': ARRA's one vector per image; 'patch': REPA's per-cell targets (each
+                                    # prediction position its own cell); 'both': the two losses, two projectors
+    patch_dim: int = 0              # width of the teacher's patch targets; 0 = no patch projector
+    patch_projector: str = 'mlp'    # 'mlp': Projector's 2-layer GELU form; 'repa': LlamaGen-REPA's 3-layer SiLU MLP
+    patch_projector_hidden: int = 0  # hidden width; 0 = patch_dim ('mlp') or 2048 ('repa', REPA's)
 
     def __post_init__(self):
         if self.image_width == 0 and math.isqrt(self.image_tokens) ** 2 == self.image_tokens:
             self.image_width = math.isqrt(self.image_tokens)  # a square grid, stored explicitly
 
 
+ALIGN_TARGETS = ('global', 'patch', 'both')  # what the hidden states are aligned to (section ARRA)
+PATCH_PROJECTORS = ('mlp', 'repa')
 IMAGE_POS = ('rowcol', 'none')  # 'none': the 1-D rotary alone (the model before image positions, for ablations)
 
 # Body sizes of LlamaGen's GPT family (autoregressive/models/gpt.py GPT_B .. GPT_XXL); 'tiny' is a CPU-sized model.
@@ -93,6 +100,12 @@ def check_config(c):
         problems.append(f'align_layer={c.align_layer} must be in 1..n_layer={c.n_layer}')
     if c.align_positions not in ('hybnext', 'rep'):
         problems.append(f"align_positions={c.align_positions!r} must be 'hybnext' or 'rep'")
+    if c.align_target not in ALIGN_TARGETS:
+        problems.append(f'align_target={c.align_target!r} must be one of {ALIGN_TARGETS}')
+    if c.patch_projector not in PATCH_PROJECTORS:
+        problems.append(f'patch_projector={c.patch_projector!r} must be one of {PATCH_PROJECTORS}')
+    if c.patch_dim < 0 or c.patch_projector_hidden < 0:
+        problems.append('patch_dim and patch_projector_hidden must be >= 0 (0 = no patch projector / the default)')
     if c.teacher_dim < 0 or c.projector_hidden < 0:
         problems.append('teacher_dim and projector_hidden must be >= 0 (0 = no projector / hidden = teacher_dim)')
     if c.image_tokens < 1 or c.codebook_size < 1:
@@ -242,6 +255,18 @@ class Block(nn.Module):
 # through `Projector` and is pulled towards the frozen teacher's global embedding of the target image (width
 # `teacher_dim`) by `alignment_loss` = 1 - cos. GPT.forward returns it as out.align_loss; train.py adds
 # align_weight x it to the cross-entropy. Training only: sampling never uses the projector.
+#
+# Patch-wise targets (align_target 'patch' or 'both': REPA's kind of target, as LlamaGen-REPA uses it on an AR model):
+# the teacher's patch features resampled to the code grid, one vector g_i per code i (grid row i // w, column i % w),
+# stored by the encode step as {split}_teacher_patch.bin (N, T, D_p). Which hidden state answers to g_i: image slot i
+# sits at sequence position L + i and reads BOI (i = 0) or code i-1; its output predicts code i (forward scores
+# logits[:, i] against codes[:, i]). So the state at L + i, the step about to write code i, is pulled towards code
+# i's cell: h[:, L:L+t] pairs with g[:, :t] index by index, no shift. (Pairing g_i with position L + i + 1, the step
+# that reads code i, would ask for what that step already sees.) The patch loss is `patch_alignment_loss` =
+# 1 - mean_i cos(A_p(h_i), g_i), through a projector of its own (`patch_projector`: the same 2-layer MLP form, or
+# 'repa', LlamaGen-REPA's 3-layer SiLU MLP), returned as out.patch_loss; train.py adds patch_weight x it.
+# align_positions concerns the global loss only: every position has a patch target. With 'both', each loss keeps its
+# own weight and projector; `alignment_objective` is the weighted sum the training step adds to the CE.
 
 class Projector(nn.Module):
     """ARRA's alignment head A: Linear(d, hidden) -> GELU -> Linear(hidden, D), applied to each position separately.
@@ -254,6 +279,27 @@ class Projector(nn.Module):
 
     def forward(self, h):
         return self.fc2(F.gelu(self.fc1(h)))  # (B, P, d) -> (B, P, D)
+
+
+class RepaProjector(nn.Module):
+    """LlamaGen-REPA's patch projector (REPA's build_mlp): Linear(d, h) -> SiLU -> Linear(h, h) -> SiLU ->
+    Linear(h, D), h = 2048 in REPA, applied to each position separately. Training only, like Projector."""
+
+    def __init__(self, n_embd, hidden, out_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(n_embd, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, out_dim)
+
+    def forward(self, h):
+        return self.fc3(F.silu(self.fc2(F.silu(self.fc1(h)))))  # (B, P, d) -> (B, P, D)
+
+
+def patch_projector(config):
+    """The patch head of a config: Projector (hidden patch_dim by default) or RepaProjector (hidden 2048)."""
+    if config.patch_projector == 'repa':
+        return RepaProjector(config.n_embd, config.patch_projector_hidden or 2048, config.patch_dim)
+    return Projector(config.n_embd, config.patch_projector_hidden or config.patch_dim, config.patch_dim)
 
 
 def alignment_loss(projected, target):
@@ -270,6 +316,30 @@ def alignment_loss(projected, target):
     t = F.normalize(target.detach().float(), dim=-1)           # (B, D)
     cos = (p * t[:, None, :]).sum(-1)                          # (B, P)
     return 1.0 - cos.mean()  # P is the same for every row, so this is the mean over positions, then over the batch
+
+
+def patch_alignment_loss(projected, target):
+    """REPA's patch-wise loss on an AR model: 1 - mean over batch and positions of cos(projected[b, i], target[b, i]).
+
+    projected (B, t, D): the patch projector's output at the t image prediction positions (position i predicts code
+    i); target (B, t, D): the teacher's patch feature at code i's grid cell. fp32, both sides L2-normalised, the
+    target detached, as alignment_loss. With target[b, i] = g[b] for every i it is alignment_loss(projected, g)."""
+    assert projected.dim() == 3 and projected.shape == target.shape, f'projected (B, t, D) vs patch target ' \
+        f'(B, t, D): {tuple(projected.shape)}, {tuple(target.shape)} (does patch_dim match the patch targets?)'
+    p = F.normalize(projected.float(), dim=-1)                 # (B, t, D)
+    g = F.normalize(target.detach().float(), dim=-1)           # (B, t, D)
+    return 1.0 - (p * g).sum(-1).mean()                        # mean of (B, t) cosines
+
+
+def alignment_objective(out, align_weight, patch_weight):
+    """What the training step adds to the CE: align_weight x out.align_loss + patch_weight x out.patch_loss, over
+    the terms the forward computed (a scalar 0 when none)."""
+    total = out.loss.new_zeros(())
+    if out.align_loss is not None and align_weight:
+        total = total + align_weight * out.align_loss
+    if out.patch_loss is not None and patch_weight:
+        total = total + patch_weight * out.patch_loss
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,6 +403,7 @@ class GPTOutput(NamedTuple):
     loss: torch.Tensor                   # scalar cross-entropy over the T image targets
     align_hidden: torch.Tensor           # (B, P, d) hidden states after block align_layer at the aligned positions
     align_loss: Optional[torch.Tensor]   # scalar 1 - cos, when a teacher is given and teacher_dim > 0; else None
+    patch_loss: Optional[torch.Tensor] = None  # scalar 1 - mean cos over cells, when patch targets are given
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,9 +426,12 @@ class GPT(nn.Module):
         # (its published sizes count both), so the presets compare like with like.
         self.head = nn.Linear(d, config.codebook_size, bias=False)
         self.projector = None  # ARRA: the alignment head, training only (teacher_dim = 0: an inference model)
+        self.patch_projector = None  # the patch-wise head (align_target 'patch' / 'both'), training only
         self.grad_checkpoint = False  # train.py --grad_checkpoint: keep block inputs only, recompute in backward
-        if config.teacher_dim > 0:
+        if config.teacher_dim > 0 and config.align_target != 'patch':
             self.projector = Projector(d, config.projector_hidden or config.teacher_dim, config.teacher_dim)
+        if config.patch_dim > 0 and config.align_target != 'global':
+            self.patch_projector = patch_projector(config)
         # image positions: a learned vector per grid row and per grid column, added to the BOI and code inputs
         if config.image_pos == 'rowcol':
             self.image_row = nn.Parameter(torch.zeros(config.image_tokens // config.image_width, d))  # (h, d)
@@ -392,7 +466,7 @@ class GPT(nn.Module):
         if body_only:
             parts = [self.blocks, self.norm, self.code_embedding, self.head]
             return sum(p.numel() for m in parts for p in m.parameters())
-        proj = set() if self.projector is None else {id(p) for p in self.projector.parameters()}
+        proj = {id(p) for head in (self.projector, self.patch_projector) if head is not None for p in head.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in proj)
 
     def uncond_text(self, batch_size, device=None):
@@ -447,10 +521,11 @@ class GPT(nn.Module):
                 captured = x
         return self.norm(x), captured
 
-    def forward(self, text, codes, teacher=None):
+    def forward(self, text, codes, teacher=None, teacher_patch=None):
         """text (B, L) long, left-padded BPE ids; codes (B, t) long, the image's codes (t = T in training; a
-        shorter prefix also works); teacher (B, D) float or None. Inputs are [text, BOI, codes[:, :-1]], targets
-        codes. Returns GPTOutput(logits (B, t, V), loss, align_hidden (B, P, d), align_loss or None)."""
+        shorter prefix also works); teacher (B, D) float or None; teacher_patch (B, T, D_p) float or None, the patch
+        targets on the code grid. Inputs are [text, BOI, codes[:, :-1]], targets codes. Returns GPTOutput(logits
+        (B, t, V), loss, align_hidden (B, P, d), align_loss or None, patch_loss or None)."""
         B, L, t = text.shape[0], self.config.text_len, codes.shape[1]
         assert text.shape == (B, L) and text.dtype == torch.long, f'text (B, {L}) long, got {tuple(text.shape)}'
         assert codes.shape[0] == B and 1 <= t <= self.config.image_tokens, f'codes (B, t<=T), got {codes.shape}'
@@ -466,7 +541,14 @@ class GPT(nn.Module):
         if teacher is not None:
             assert self.projector is not None, 'a teacher was passed to a model without projector (teacher_dim=0)'
             align_loss = alignment_loss(self.projector(align_hidden), teacher)  # scalar 1 - cos
-        return GPTOutput(logits, loss, align_hidden, align_loss)
+        # patch-wise: position L + i predicts code i, so it is pulled towards code i's cell (section ARRA)
+        patch_loss = None
+        if teacher_patch is not None:
+            assert self.patch_projector is not None, 'patch targets were passed to a model without patch projector ' \
+                "(align_target='global' or patch_dim=0)"
+            patch_loss = patch_alignment_loss(self.patch_projector(h_align[:, L:L + t]),    # (B, t, D_p)
+                                              teacher_patch[:, :t])                         # scalar
+        return GPTOutput(logits, loss, align_hidden, align_loss, patch_loss)
 
     @torch.no_grad()
     def generate(self, text, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True):
@@ -526,8 +608,9 @@ class GPT(nn.Module):
     def flops_per_sequence(self):
         """Training FLOPs (forward + backward) for one example, PaLM/nanoGPT style: 6 FLOPs per weight per token
         that passes through it (blocks: all S = L + T positions; head: the T image positions; projector: the
-        aligned positions), plus 12 * n_layer * n_head * head_dim * S per token for the attention scores and
-        mixing, counted over the full (not causally halved) S x S matrix. Embedding lookups cost nothing."""
+        aligned positions; patch projector: the T image positions), plus 12 * n_layer * n_head * head_dim * S per
+        token for the attention scores and mixing, counted over the full (not causally halved) S x S matrix.
+        Embedding lookups cost nothing."""
         c = self.config
         S, T = c.text_len + c.image_tokens, c.image_tokens
         n_blocks = sum(p.numel() for p in self.blocks.parameters())
@@ -535,6 +618,8 @@ class GPT(nn.Module):
         if self.projector is not None:  # ARRA's projector at the aligned positions
             P = T if c.align_positions == 'hybnext' else 1
             flops += 6 * sum(p.numel() for p in self.projector.parameters()) * P
+        if self.patch_projector is not None:  # the patch head at every image position
+            flops += 6 * sum(p.numel() for p in self.patch_projector.parameters()) * T
         flops += 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * S * S
         return flops
 

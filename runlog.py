@@ -15,13 +15,17 @@ from tqdm import tqdm
 
 def describe_run(cfg, data_dir, meta, splits, model, world, device, use_bf16, peak_flops):
     """What is about to be trained, on what: printed once at the start."""
-    c, n_proj, batch = model.config, sum(p.numel() for p in model.projector.parameters()), cfg.batch_size * world
+    c, batch = model.config, cfg.batch_size * world
+    n_proj = sum(p.numel() for h in (model.projector, model.patch_projector) if h is not None for p in h.parameters())
+    trained = any(h is not None and w for h, w in ((model.projector, cfg.align_weight),
+                                                   (model.patch_projector, cfg.patch_weight)))
     return '\n'.join(['config:'] + [f'  {k} = {v!r}' for k, v in asdict(cfg).items()] + [
         f'data {data_dir}: {len(splits[0])} train / {len(splits[1])} val rows, {c.image_tokens} codes of '
-        f'{c.codebook_size}, text_len {c.text_len}, teacher {meta["teacher"].get("name")} (D = {c.teacher_dim})',
+        f'{c.codebook_size}, text_len {c.text_len}, teacher {meta["teacher"].get("name")} (D = {c.teacher_dim}'
+        f'{f", patch targets D_p = {c.patch_dim}" if c.patch_dim else ""}; align_target {c.align_target})',
         f'model: {"blocks and text table from an LLM (llm.py); " if cfg.init_from.startswith("llm:") else ""}'
         f'{model.num_params() / 1e6:.2f}M parameters ({model.num_params(body_only=True) / 1e6:.2f}M body) + '
-        f'projector {n_proj / 1e6:.3f}M ({"trained" if cfg.align_weight else "frozen"}); {world} rank(s) on {device} '
+        f'projector {n_proj / 1e6:.3f}M ({"trained" if trained else "frozen"}); {world} rank(s) on {device} '
         f'({"FSDP" if cfg.fsdp else "DDP" if world > 1 else "one process"}), {"bf16" if use_bf16 else "fp32"}; '
         f'global batch {batch * cfg.grad_accum} rows; peak {peak_flops / 1e9:.1f} GFLOP/s per device '
         f'({"given" if cfg.peak_flops else "measured"})'])

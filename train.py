@@ -34,12 +34,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import configure, config_from_dict, ConfigError
-from model import GPT, preset_config, config_from_checkpoint
+from model import GPT, preset_config, config_from_checkpoint, alignment_objective
 from utils import (REPO_ROOT, CheckpointError, atomic_torch_save, load_checkpoint, pick_device, lr_schedule,
                    measure_peak_flops, rng_states, set_rng_states)
 from runlog import RunLog, describe_run
 from distributed import process_group, shard_model, gradient_sync, load_optimizer_state, full_state
 from data.common import PreparedDataError, open_prepared, Batches, global_batch_rows, uncond_rows, step_seed
+from data.common import require_patch_targets
 from sample import TrainingGrid
 
 CHECKPOINT_KIND = 'arra-gpt'
@@ -65,7 +66,12 @@ class TrainConfig:
     align_layer: int = 1             # align the hidden state after this block (1 = the first, the paper's best)
     align_positions: str = 'hybnext'  # 'hybnext': every image prediction position; 'rep': the BOI position only
     projector_hidden: int = 0        # hidden width of the 2-layer projector; 0 = teacher width (the paper's)
-    shuffle_teacher: bool = False    # control: align each image to ANOTHER image's teacher embedding
+    shuffle_teacher: bool = False    # control: align each image to ANOTHER image's teacher embedding (and patches)
+    align_target: str = 'global'     # 'global' (ARRA), 'patch' (REPA's per-cell targets: {split}_teacher_patch.bin),
+                                     # or 'both' (the two losses, two projectors); docs/global-vs-patch.md
+    patch_weight: float = 0.5        # weight of the patch loss (LlamaGen-REPA's 0.5); align_weight weights the global
+    patch_projector: str = 'mlp'     # 'mlp' (the projector's form) or 'repa' (3-layer SiLU MLP, hidden 2048)
+    patch_projector_hidden: int = 0  # 0 = patch width ('mlp') or 2048 ('repa')
     # classifier-free guidance
     p_uncond: float = 0.1            # probability that a row's caption is replaced by the empty caption
     # optimization
@@ -178,7 +184,10 @@ def load_data(cfg):
         raise TrainError(f'unknown dataset {cfg.dataset!r}: {data_dir} does not exist. Datasets under data/: '
                          f'{", ".join(known)}; or pass --data_dir=FOLDER of a prepared dataset')
     try:
-        return (data_dir, out_dir, *open_prepared(data_dir))
+        meta, train_split, val_split = open_prepared(data_dir)
+        if cfg.align_target != 'global':  # the patch targets are an optional part of a prepared dir
+            require_patch_targets(data_dir, meta, (train_split, val_split))
+        return data_dir, out_dir, meta, train_split, val_split
     except PreparedDataError as e:
         raise TrainError(str(e)) from None
 
@@ -193,8 +202,17 @@ def gpt_overrides(cfg, meta):
     text_ids = {k: meta[k] for k in ('text_vocab_size', 'text_pad_id', 'text_sot_id', 'text_eot_id') if k in meta}
     return dict(**sizes, **text_ids, codebook_size=meta['codebook_size'], image_tokens=meta['image_tokens'],
                 image_width=meta['grid'][1], image_pos=cfg.image_pos, text_len=meta['text_len'], dropout=cfg.dropout,
-                teacher_dim=meta['teacher_dim'], projector_hidden=cfg.projector_hidden, align_layer=cfg.align_layer,
-                align_positions=cfg.align_positions)
+                teacher_dim=meta['teacher_dim'] if cfg.align_target != 'patch' else 0,
+                projector_hidden=cfg.projector_hidden, align_layer=cfg.align_layer,
+                align_positions=cfg.align_positions, **patch_overrides(cfg, meta))
+
+
+def patch_overrides(cfg, meta):
+    """The patch-head fields of GPTConfig; none for align_target='global' (so such a model_config is as before)."""
+    if cfg.align_target == 'global':
+        return {}
+    return dict(align_target=cfg.align_target, patch_dim=meta['teacher_patch']['dim'],
+                patch_projector=cfg.patch_projector, patch_projector_hidden=cfg.patch_projector_hidden)
 
 
 def gpt_config(cfg, meta):
@@ -227,17 +245,19 @@ def build_model(cfg, meta, data_dir, ckpt, llm_source):
     except ValueError as e:  # bad sizes, or an LLM that cannot be loaded (llm.LLMError)
         raise TrainError(str(e)) from None
     gpt_conf = model.config
-    if cfg.align_weight == 0:
-        model.projector.requires_grad_(False)  # ARRA off (the baseline): the projector takes no part, stays as it is
+    for head, weight in ((model.projector, cfg.align_weight), (model.patch_projector, cfg.patch_weight)):
+        if head is not None and weight == 0:
+            head.requires_grad_(False)  # its loss is off (the baseline): the head takes no part, stays as it is
     if ckpt is None:
         return gpt_conf, model, 0, float('inf')
     if ckpt['data_meta'] != meta:
         raise TrainError(f'the checkpoint was trained on different prepared data than {data_dir} holds now '
                          f'({describe_differences(ckpt["data_meta"], meta)}); resume with the same data '
                          f'or start a new run with --init_from=scratch')
-    if ckpt['model_config'] != asdict(gpt_conf):
+    saved_conf = asdict(config_from_checkpoint(ckpt['model_config']))  # fields added since then take defaults
+    if saved_conf != asdict(gpt_conf):
         raise TrainError(f'the checkpoint model does not match this config ('
-                         f'{describe_differences(ckpt["model_config"], asdict(gpt_conf))}); drop the '
+                         f'{describe_differences(saved_conf, asdict(gpt_conf))}); drop the '
                          f'overrides that change the model, or start a new run')
     model.load_state_dict(ckpt['model'], strict=True)
     return gpt_conf, model, ckpt['iter_num'], ckpt['best_val_loss']
@@ -288,6 +308,11 @@ def save_checkpoint(out_dir, raw_model, optimizer, gpt_conf, cfg, iter_num, best
 # ----------------------------------------------------------------------------------------------------------------
 # eval (what the run prints and writes: runlog.py)
 
+def logged_alignment(out):
+    """The 'align' of the logs: the global loss, the patch loss, or (align_target='both') their unweighted sum."""
+    return sum((x for x in (out.align_loss, out.patch_loss) if x is not None), out.loss.new_zeros(()))
+
+
 def non_finite_error(it, step_losses, grad_norm, out_dir):
     kept = os.path.join(out_dir, 'ckpt.pt')
     kept = kept if os.path.exists(kept) else '(none saved yet)'
@@ -334,7 +359,7 @@ class Evaluator:
             rows = np.arange(start, min(start + bs, self.n_rows))
             with self.ctx:
                 out = model(*self.batches.get(rows))
-            sums += torch.stack([out.loss.double(), out.align_loss.double(), sums.new_ones(())]) * len(rows)
+            sums += torch.stack([out.loss.double(), logged_alignment(out).double(), sums.new_ones(())]) * len(rows)
         if self.world > 1:
             dist.all_reduce(sums)
         model.train()
@@ -361,7 +386,8 @@ def train(cfg, resume_ckpt=None):
         # optimizer, and the model as this run calls it (on its device; FSDP shards or DDP; compiled)
         model, optimizer = place_model(cfg, raw_model, resume_ckpt, device, ddp, use_bf16)
         uncond = raw_model.uncond_text(1)[0]  # the empty caption, swapped in for prompt dropout
-        train_batches, val_batches = (Batches(s, device, uncond, cfg.shuffle_teacher) for s in (train_split, val_split))
+        train_batches, val_batches = (Batches(s, device, uncond, cfg.shuffle_teacher, cfg.align_target)
+                                      for s in (train_split, val_split))
         peak_flops = cfg.peak_flops or measure_peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
         # the run's files and eval
         runlog = RunLog(cfg, out_dir, data_dir, world, master, resume_ckpt and iter_num, raw_model, peak_flops)
@@ -386,17 +412,16 @@ def train(cfg, resume_ckpt=None):
             for micro in range(cfg.grad_accum):
                 # get batch: this rank's slice of the global batch, this micro-step's part of it
                 lo = (rank * cfg.grad_accum + micro) * cfg.batch_size
-                text, codes, teacher = train_batches.get(rows[lo:lo + cfg.batch_size], drop[lo:lo + cfg.batch_size])
+                batch = train_batches.get(rows[lo:lo + cfg.batch_size], drop[lo:lo + cfg.batch_size])
                 # forward (gradients are reduced across ranks on the last micro-step only)
                 with gradient_sync(model, raw_model, cfg.fsdp, micro == cfg.grad_accum - 1), ctx:
-                    out = model(text, codes, teacher=teacher)
-                # ARRA: next-token CE + align_weight x the alignment loss (align_weight = 0: the plain baseline)
-                loss = out.loss
-                if cfg.align_weight:
-                    loss = loss + cfg.align_weight * out.align_loss
+                    out = model(*batch)  # text, codes, teacher (None for 'patch'), [teacher_patch]
+                # ARRA: next-token CE + align_weight x the global loss + patch_weight x the patch loss (the ones
+                # align_target computes; align_weight = 0 with 'global': the plain baseline)
+                loss = out.loss + alignment_objective(out, cfg.align_weight, cfg.patch_weight)
                 # backward
                 (loss / cfg.grad_accum).backward()
-                step_losses += torch.stack([out.loss.detach(), out.align_loss.detach()]).double() / cfg.grad_accum
+                step_losses += torch.stack([out.loss, logged_alignment(out)]).detach().double() / cfg.grad_accum
             # clip; a non-finite norm (the same on every rank) stops all ranks before the weights are touched
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
             if cfg.fsdp:  # the norm over all shards, as a replicated DTensor: the plain tensor, the same on every rank

@@ -10,6 +10,12 @@ batch with no decoding):
     {split}_teacher.bin  float16 [N, D]   the frozen teacher's L2-normalised global embedding of the same image
     meta.json            sizes, shapes, dtypes, and which tokenizer / teacher made the arrays (name, path, sha256)
 
+and, optionally (train.py --align_target=patch|both needs them; docs/global-vs-patch.md):
+
+    {split}_teacher_patch.bin  float16 [N, T, D_p]  the teacher's patch features on the code grid (T cells, raster
+                                                    order), each L2-normalised; meta.json's `teacher_patch` records
+                                                    teacher, grid, dim, dtype, resampling and each file's sha256
+
 Before encoding, a dataset whose images fit in one array (shapes) keeps them as
 
     {split}_images.npy   uint8   [N, H, W, 3]  the images the tokenizer and teacher are trained on and encode
@@ -239,7 +245,7 @@ class PreparedSplit:
         self.meta = meta or read_meta(data_dir)
         if split not in self.meta['splits']:
             raise ValueError(f'split {split!r} not in {data_dir} (has {list(self.meta["splits"])})')
-        self.n = self.meta['splits'][split]
+        self.n, self.split_name = self.meta['splits'][split], split
         widths = {'codes': self.meta['image_tokens'], 'text': self.meta['text_len'], 'teacher': self.meta['teacher_dim']}
         for name, width in widths.items():
             path = array_path(data_dir, split, name)
@@ -250,8 +256,46 @@ class PreparedSplit:
                                         f'[{self.n}, {width}] {dtype.name}); re-run the prepare step')
             setattr(self, name, np.memmap(path, dtype=dtype, mode='r', shape=(self.n, width)))
 
+        self.teacher_patch = open_patch_targets(data_dir, split, self.meta)  # (N, T, D_p) float16, or None
+
     def __len__(self):
         return self.n
+
+
+PATCH_ARRAY = 'teacher_patch'  # {split}_teacher_patch.bin
+
+
+def open_patch_targets(data_dir, split, meta):
+    """The read-only (N, T, D_p) float16 memmap of a split's patch targets, or None when meta.json records none or
+    the file is missing / of the wrong size (require_patch_targets then says how to make it)."""
+    rec = meta.get('teacher_patch')
+    if not isinstance(rec, dict) or split not in meta.get('splits', {}):
+        return None
+    shape = (meta['splits'][split], meta['image_tokens'], rec['dim'])
+    path = array_path(data_dir, split, PATCH_ARRAY)
+    if not os.path.exists(path) or os.path.getsize(path) != int(np.prod(shape)) * np.dtype(rec['dtype']).itemsize:
+        return None
+    return np.memmap(path, dtype=np.dtype(rec['dtype']), mode='r', shape=shape)
+
+
+def patch_encode_command(data_dir, meta):
+    """The command that adds patch targets to data_dir (the shapes encode step; other datasets have none yet)."""
+    if meta.get('dataset') == 'shapes':
+        base = meta.get('prepare_command') or 'python data/shapes/prepare.py --stage=encode'
+        if '--out_dir=' not in base:
+            base += f' --out_dir={data_dir}'
+        return f'`{base} --patch_targets=True`'
+    return (f'the encode step of {data_dir} with patch targets (only data/shapes/prepare.py --stage=encode '
+            f'--patch_targets=True writes them so far; docs/global-vs-patch.md)')
+
+
+def require_patch_targets(data_dir, meta, splits):
+    """Raise PreparedDataError naming the encode command unless every split has its patch targets."""
+    missing = [s.split_name for s in splits if s.teacher_patch is None]
+    if missing:
+        raise PreparedDataError(f'--align_target=patch|both needs the teacher\'s patch targets '
+                                f'({", ".join(f"{s}_{PATCH_ARRAY}.bin" for s in missing)}), which {data_dir} does not '
+                                f'hold: make them with {patch_encode_command(data_dir, meta)}')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,11 +402,15 @@ def derangement(n, seed=0):
 
 
 class Batches:
-    """Turns row indices of a split into device tensors: text (B, L) long, codes (B, T) long, teacher (B, D) float."""
+    """Turns row indices of a split into device tensors: text (B, L) long, codes (B, T) long, teacher (B, D) float;
+    with align_target 'patch' or 'both' also teacher_patch (B, T, D_p) float (and teacher None for 'patch'), so
+    model(*batches.get(rows)) feeds the forward. shuffle_teacher: every row reads the targets of another row, the
+    global and the patch ones alike (whole images move; the cells of an image stay together)."""
 
-    def __init__(self, split, device, uncond_text, shuffle_teacher):
+    def __init__(self, split, device, uncond_text, shuffle_teacher, align_target='global'):
         self.split, self.device, self.uncond_text = split, device, uncond_text.cpu().numpy()
         self.teacher_rows = derangement(len(split)) if shuffle_teacher else None
+        self.align_target = align_target
 
     def get(self, rows, drop=None):
         text = np.array(self.split.text[rows], dtype=np.int64)                   # (B, L)
@@ -371,7 +419,12 @@ class Batches:
         codes = np.array(self.split.codes[rows], dtype=np.int64)                 # (B, T)
         teacher_rows = rows if self.teacher_rows is None else self.teacher_rows[rows]
         teacher = np.array(self.split.teacher[teacher_rows], dtype=np.float32)   # (B, D)
-        out = [torch.from_numpy(a) for a in (text, codes, teacher)]
+        arrays = [text, codes, teacher]
+        if self.align_target != 'global':                                        # REPA-style targets
+            arrays.append(np.array(self.split.teacher_patch[teacher_rows], dtype=np.float32))  # (B, T, D_p)
+        out = [torch.from_numpy(a) for a in arrays]
         if 'cuda' in str(self.device):
-            return [t.pin_memory().to(self.device, non_blocking=True) for t in out]
+            out = [t.pin_memory().to(self.device, non_blocking=True) for t in out]
+        if self.align_target == 'patch':
+            out[2] = None                                                        # no global loss
         return out

@@ -495,3 +495,87 @@ def prepare(cfg, splits, dataset, script, preprocess=None, source=None, progress
         return dict(meta=meta, encoded_shards=encoded, interrupted=False)
     finally:
         ranks.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patch targets: the teacher's patch features on the code grid, for train.py --align_target=patch|both (REPA-style
+# alignment; docs/global-vs-patch.md). Written by the shapes encode step (data/shapes/prepare.py --patch_targets=True);
+# the image-folder path above does not write them: at ImageNet scale they would take 1.28M x 256 x 768 x 2 bytes
+# ~ 500 GB, and the way out there is running the teacher inside the training step, as LlamaGen-REPA does.
+
+PATCH_DTYPE = np.float16
+
+
+def resample_patch_grid(tokens, src_grid, dst_grid):
+    """Patch tokens float (N, h*w, D) in raster order on src_grid (h, w) -> float32 (N, H*W, D) on dst_grid (H, W),
+    each vector L2-normalised. Resampling is average pooling (F.adaptive_avg_pool2d): code cell (r, c) takes the mean
+    of the teacher patches its area covers (exactly k x k of them when the teacher grid is k times finer; when it is
+    coarser, the one or two it falls in). The same grid passes through unchanged apart from the normalisation."""
+    import torch.nn.functional as F
+    tokens = torch.as_tensor(tokens).float()
+    N, n, D = tokens.shape
+    (h, w), (H, W) = src_grid, dst_grid
+    if n != h * w:
+        raise ValueError(f'{n} patch tokens do not fill a {h}x{w} grid')
+    if (h, w) != (H, W):
+        x = tokens.transpose(1, 2).reshape(N, D, h, w)                    # (N, D, h, w)
+        tokens = F.adaptive_avg_pool2d(x, (H, W)).flatten(2).transpose(1, 2)  # (N, H*W, D)
+    return F.normalize(tokens, dim=-1)                                      # (N, T, D)
+
+
+def teacher_patch_grid(teacher):
+    """(h, w) of a CLIP teacher's patch tokens: its vision tower's grid (image size / patch size)."""
+    grid = getattr(teacher.model.visual, 'grid_size', None)
+    if grid is None:
+        raise ValueError(f'the teacher {teacher.name} has no patch grid (its vision tower is not a ViT)')
+    return tuple(int(g) for g in grid)
+
+
+def embed_patch_dataset(teacher, images, grid, batch_size=256, progress=True):
+    """uint8 (N, H, W, 3) images -> float16 (N, T, D_p) patch targets on the code grid: the teacher's last-block
+    patch tokens after its final LayerNorm, before the projection (Teacher.embed(return_tokens=True); the CLS token
+    left out), resampled to `grid` (resample_patch_grid), unit norm."""
+    from tqdm import tqdm
+    src = teacher_patch_grid(teacher)
+    out = None
+    for i in tqdm(range(0, len(images), batch_size), desc=f'patch tokens {teacher.name}', disable=not progress):
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)   # (b, 3, H, W) uint8
+        _, tokens = teacher.embed(x, batch_size=batch_size, return_tokens=True)       # (b, h*w, width)
+        cells = resample_patch_grid(tokens.cpu(), src, grid).numpy()                    # (b, T, width)
+        if out is None:
+            out = np.empty((len(images), *cells.shape[1:]), dtype=PATCH_DTYPE)
+        out[i:i + len(x)] = cells
+    return out
+
+
+def patch_targets_nbytes(n_rows, image_tokens, dim):
+    return n_rows * image_tokens * dim * np.dtype(PATCH_DTYPE).itemsize
+
+
+def announce_patch_targets(out_dir, rows, image_tokens, dim):
+    """Print what the patch memmaps will take on disk, before anything is computed or written."""
+    total = sum(patch_targets_nbytes(n, image_tokens, dim) for n in rows.values())
+    each = ', '.join(f'{s} ({n:,}, {image_tokens}, {dim})' for s, n in rows.items())
+    print(f'patch targets for {out_dir}: {each} float16 = {total / 2**20:,.1f} MiB '
+          f'(N x T x D x 2 bytes; ImageNet at 256 codes and D = 768 would take ~500 GB)')
+    return total
+
+
+def write_patch_targets(out_dir, split, array):
+    """Write {split}_teacher_patch.bin (float16 (N, T, D)) and return its sha256."""
+    from utils import file_sha256
+    if array.ndim != 3 or array.dtype != PATCH_DTYPE:
+        raise ValueError(f'patch targets are float16 (N, T, D), got {array.dtype} {array.shape}')
+    out = open_for_write(out_dir, split, 'teacher_patch', array.shape, PATCH_DTYPE)
+    out[:] = array
+    out.flush()
+    del out
+    return file_sha256(array_path(out_dir, split, 'teacher_patch'))
+
+
+def patch_meta(teacher_identity, source_grid, grid, dim, resample, sha256):
+    """meta.json's `teacher_patch` record: which teacher, its patch grid and the code grid, width, dtype, how the
+    grid was resampled, and each split file's sha256."""
+    return dict(teacher=teacher_identity, source_grid=list(source_grid), grid=list(grid), dim=int(dim),
+                dtype=np.dtype(PATCH_DTYPE).name, resample=resample, layout='(N, T, D) raster order, L2-normalised',
+                files={s: f'{s}_teacher_patch.bin' for s in sha256}, sha256=dict(sha256))

@@ -10,12 +10,17 @@ same seed (paired).
     python scripts/experiment.py --plan=curves --worlds=plan   # seed 0 of the main cells continued to 3000 steps
     python scripts/experiment.py --cells="plan:scene:1:4:1,plan:none:0:4:1" --seeds=5 --steps=3000
     python scripts/experiment.py --report_only=True        # rebuild results.md and curves.png from results.jsonl
+    python scripts/experiment.py --plan=targets --dry_run=True   # global vs patch targets (docs/global-vs-patch.md)
+    python scripts/experiment.py --plan=targets_confirm          # their leading cells, 5 paired seeds to 3000 steps
 
 A cell is `world:teacher:align_weight:n_layer:align_layer`, e.g. `default:clip:1:4:1` (the paper's defaults here):
     world      default | plan                    (data/shapes/world.py | plan_world.py: open cells, counts, relations)
     teacher    none (the baseline, align_weight 0) | clip | clip_strong | scene (data/shapes/teachers.py), or one of
                these + `_shuffled`: train.py --shuffle_teacher=True, the control that keeps the loss and removes what
                the teacher knows about the image
+    target     optional 6th field: global (the default, left out when printed) | patch | both: train.py
+               --align_target (REPA-style patch targets, {split}_teacher_patch.bin, or both losses); align_weight
+               is then the weight of each loss the target has (--align_weight and/or --patch_weight)
 Each (world, teacher) reads its own data dir, data_root/shapes_<world>_<teacher> (the baseline and the shuffled
 controls read the clip / the named teacher's dir; with align_weight 0 the teacher features are never used). All
 dirs of a world hold the same images, codes and text: only {split}_teacher.bin differs.
@@ -28,6 +33,13 @@ defaults and the best screened cell (--best, 'auto' = the largest paired prompt-
 the screen) with 3 seeds at 1000 steps (--seeds=5 adds two more), plus seed 0 of the controls: the paper's shuffled
 twin, the best cell's shuffled twin and the scene oracle. `curves` continues seed 0 of the baseline, the paper's
 defaults, the best cell and the scene oracle to 3000 steps.
+
+The global-vs-patch comparison (docs/global-vs-patch.md): `targets` screens, per world of TARGET_WORLDS, the target as
+a field of the cell at 4 x 128, block 1 (~1/3 of the depth, REPA's place): none, global (lambda 1, the paper's),
+patch and both (weight 0.5, LlamaGen-REPA's), patch with shuffled targets, and the scene patch oracle, one seed to
+1000 steps; `targets_confirm` runs the baseline, global and the best screened patch/both cell (--best or 'auto') with
+its shuffled twin, 5 paired seeds to 3000 steps. Primary metrics, fixed before running: prompt accuracy and the
+evaluator's Frechet distance; val CE and GenEval's overall (evaluate.py geneval_metrics) are secondary.
 
 Every run follows the same learning-rate schedule (warmup, cosine ending at schedule_steps = 3000), so a run stopped
 at 1000 steps is the first third of a 3000-step run and the confirm plan continues the screen's runs instead of
@@ -58,10 +70,15 @@ sys.path.insert(0, ROOT)
 from configurator import configure  # noqa: E402
 
 WORLDS = ('default', 'plan')
+TARGETS = ('global', 'patch', 'both')                 # train.py --align_target
+# the worlds of the global-vs-patch comparison and the teacher each aligns to; 'fashion' (Fashion-MNIST) joins when
+# that world is in WORLDS, with the teacher kind its prepare step gives (a placeholder until then)
+TARGET_WORLDS = {'plan': 'clip', 'default': 'clip', 'fashion': None}
 TEACHERS = ('none', 'clip', 'clip_strong', 'scene')   # + '_shuffled' for the control
 PAPER_CELL = '{world}:clip:1:4:1'                      # ARRA's defaults: lambda 1, block 1 (of 4 here)
 METRICS = [('prompt_acc', 'prompt acc.', 'higher'), ('frechet_evaluator', 'Frechet (eval.)', 'lower'),
-           ('val_ce', 'val CE', 'lower'), ('coherence_bg_color', 'bg colour coh.', 'higher')]
+           ('val_ce', 'val CE', 'lower'), ('coherence_bg_color', 'bg colour coh.', 'higher'),
+           ('geneval_overall', 'GenEval overall', 'higher')]
 PLAN_METRICS = [('count_acc', 'count acc.', 'higher'), ('objects_acc', 'objects acc.', 'higher'),
                 ('relation_acc', 'relation acc.', 'higher')]
 PAIRED = ('prompt_acc', 'frechet_evaluator', 'val_ce')  # the differences the table tests
@@ -109,20 +126,23 @@ class Cell:
     align_weight: float
     n_layer: int
     align_layer: int
+    target: str = 'global'  # train.py --align_target: 'global' | 'patch' | 'both'
 
     @classmethod
     def parse(cls, text):
         parts = text.strip().split(':')
-        if len(parts) != 5:
-            raise ValueError(f'cell {text!r}: write world:teacher:align_weight:n_layer:align_layer, e.g. '
-                             f'default:clip:1:4:1')
-        world, teacher, weight, n_layer, layer = parts
+        if len(parts) not in (5, 6):
+            raise ValueError(f'cell {text!r}: write world:teacher:align_weight:n_layer:align_layer[:target], e.g. '
+                             f'default:clip:1:4:1 or plan:clip:0.5:4:1:patch')
+        world, teacher, weight, n_layer, layer = parts[:5]
+        target = parts[5] if len(parts) == 6 else 'global'
         kind = teacher.removesuffix('_shuffled')
-        if world not in WORLDS or kind not in TEACHERS or (teacher != kind and kind == 'none'):
+        if world not in WORLDS or kind not in TEACHERS or (teacher != kind and kind == 'none') or \
+                target not in TARGETS:
             raise ValueError(f'cell {text!r}: world is one of {WORLDS}; teacher one of {TEACHERS}, optionally + '
-                             f'_shuffled')
+                             f'_shuffled; target one of {TARGETS}')
         try:
-            cell = cls(world, teacher, float(weight), int(n_layer), int(layer))
+            cell = cls(world, teacher, float(weight), int(n_layer), int(layer), target)
         except ValueError:
             raise ValueError(f'cell {text!r}: align_weight is a number, n_layer and align_layer integers') from None
         if (teacher == 'none') != (cell.align_weight == 0) or not 1 <= cell.align_layer <= cell.n_layer:
@@ -131,17 +151,20 @@ class Cell:
         return cell.canonical()
 
     def canonical(self):
-        """The baseline has no aligned block: every baseline of a world and depth is one cell (align_layer 1)."""
+        """The baseline has no aligned block nor target: every baseline of a world and depth is one cell (align_layer
+        1, target global)."""
         return Cell(self.world, 'none', 0.0, self.n_layer, 1) if self.teacher == 'none' else self
 
     def __str__(self):
-        return f'{self.world}:{self.teacher}:{self.align_weight:g}:{self.n_layer}:{self.align_layer}'
+        tail = '' if self.target == 'global' else f':{self.target}'  # global cells print as before the field
+        return f'{self.world}:{self.teacher}:{self.align_weight:g}:{self.n_layer}:{self.align_layer}{tail}'
 
     @property
     def name(self):
         if self.teacher == 'none':
             return f'{self.world}_baseline_L{self.n_layer}'
-        return f'{self.world}_{self.teacher}_w{self.align_weight:g}_L{self.n_layer}b{self.align_layer}'
+        tail = '' if self.target == 'global' else f'_{self.target}'
+        return f'{self.world}_{self.teacher}_w{self.align_weight:g}_L{self.n_layer}b{self.align_layer}{tail}'
 
     @property
     def kind(self):
@@ -153,8 +176,11 @@ class Cell:
         return Cell(self.world, 'none', 0.0, self.n_layer, 1)
 
     def train_args(self):
-        return [f'--align_weight={self.align_weight:g}', f'--n_layer={self.n_layer}',
+        args = [f'--align_weight={self.align_weight:g}', f'--n_layer={self.n_layer}',
                 f'--align_layer={self.align_layer}', f'--shuffle_teacher={self.teacher.endswith("_shuffled")}']
+        if self.target != 'global':  # the cell's weight is the weight of each loss its target has
+            args += [f'--align_target={self.target}', f'--patch_weight={self.align_weight:g}']
+        return args
 
 
 def screen_cells(worlds):
@@ -170,7 +196,50 @@ def screen_cells(worlds):
 
 
 def shuffled_twin(cell):
-    return Cell(cell.world, cell.kind + '_shuffled', cell.align_weight, cell.n_layer, cell.align_layer)
+    return Cell(cell.world, cell.kind + '_shuffled', cell.align_weight, cell.n_layer, cell.align_layer, cell.target)
+
+
+def target_worlds(worlds):
+    """The worlds of --worlds that the global-vs-patch comparison covers (TARGET_WORLDS, those in WORLDS)."""
+    return [w for w in worlds if w in WORLDS and TARGET_WORLDS.get(w)]
+
+
+def target_cells(world):
+    """The global-vs-patch screen of one world, 4 x 128, block 1: none / global (lambda 1) / patch / both (weight 0.5,
+    LlamaGen-REPA's), patch with shuffled targets, and the scene patch oracle."""
+    kind = TARGET_WORLDS[world]
+    cells = [f'{world}:none:0:4:1', f'{world}:{kind}:1:4:1', f'{world}:{kind}:0.5:4:1:patch',
+             f'{world}:{kind}:0.5:4:1:both', f'{world}:{kind}_shuffled:0.5:4:1:patch']
+    if 'scene' in TEACHERS and kind != 'scene':
+        cells.append(f'{world}:scene:0.5:4:1:patch')
+    return [Cell.parse(c) for c in cells]
+
+
+def best_target_cell(rows, world, full_score_steps=(1000, 3000)):
+    """The screened patch / both cell of the world's teacher (not shuffled, not the oracle) with the largest paired
+    prompt-accuracy gain over its baseline at the first full-score step with results."""
+    kind = TARGET_WORLDS[world]
+    candidates = [c for c in target_cells(world) if c.target != 'global' and c.teacher == kind]
+    summary = summarise([r for r in rows if r['world'] == world and r['cell'] in {str(c) for c in candidates} |
+                         {str(candidates[0].baseline)}], full_score_steps)
+    if not summary:
+        raise ValueError(f'no screened patch / both runs of the {world} world: run --plan=targets first, or name the '
+                         f'cells with --best=world:teacher:weight:n_layer:align_layer:target')
+    table = summary[min(summary, key=lambda k: int(k.split('@')[1]))]
+    scored = [(e['paired']['prompt_acc'][0], -e['paired']['val_ce'][0], c) for c, e in table.items() if 'paired' in e]
+    if not scored:
+        raise ValueError(f'no {world} patch / both cell has a baseline run to compare with; run --plan=targets first')
+    return Cell.parse(max(scored)[2])
+
+
+def target_confirm_cells(worlds, best):
+    """Per world: the baseline, global (the paper's) and the best patch / both cell with its shuffled twin."""
+    cells = []
+    for w in worlds:
+        chosen = [b for b in best if b.world == w]
+        cells += [Cell.parse(f'{w}:none:0:4:1'), Cell.parse(f'{w}:{TARGET_WORLDS[w]}:1:4:1')]
+        cells += [c for b in chosen for c in (b.baseline, b, shuffled_twin(b))]
+    return list(dict.fromkeys(cells))
 
 
 def confirm_cells(worlds, best):
@@ -190,7 +259,8 @@ def curve_cells(worlds, best):
     return list(dict.fromkeys(c for cells in per_world for c in cells))
 
 
-PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=1000), 'curves': dict(seeds=1, steps=3000)}
+PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=1000), 'curves': dict(seeds=1, steps=3000),
+         'targets': dict(seeds=1, steps=1000), 'targets_confirm': dict(seeds=5, steps=3000)}
 
 
 def planned_runs(cfg, rows=None):
@@ -206,6 +276,13 @@ def planned_runs(cfg, rows=None):
         return [(Cell.parse(c), s, steps) for s in range(seeds) for c in cfg.cells.split(',') if c]
     if cfg.plan == 'screen':
         return [(c, s, steps) for s in range(seeds) for c in screen_cells(worlds)]
+    if cfg.plan.startswith('targets'):
+        tw = target_worlds(worlds)
+        if cfg.plan == 'targets':
+            return [(c, s, steps) for s in range(seeds) for w in tw for c in target_cells(w)]
+        best = ([Cell.parse(b) for b in cfg.best.split(',') if b] if cfg.best != 'auto' else
+                [best_target_cell(rows if rows is not None else load_results(cfg.out_dir), w) for w in tw])
+        return [(c, s, steps) for s in range(seeds) for c in target_confirm_cells(tw, best)]
     best = ([Cell.parse(b) for b in cfg.best.split(',') if b] if cfg.best != 'auto' else
             [best_cell(rows if rows is not None else load_results(cfg.out_dir), w) for w in worlds])
     if cfg.plan == 'curves':
@@ -236,9 +313,10 @@ def teacher_path(cfg, world, kind):
     return os.path.join(cfg.out_dir, 'teachers', f'{world}_{kind}', 'teacher.pt')
 
 
-def prepare_steps(cfg, world, kind):
+def prepare_steps(cfg, world, kind, patch=False):
     """[(name, command, done)] that make data_root/shapes_<world>_<kind>: render, train the teacher (a CLIP kind,
-    on this world's images; plan captions need a longer context), encode with the shared tokenizer."""
+    on this world's images; plan captions need a longer context), encode with the shared tokenizer (patch=True: with
+    the patch targets too, added to an encoded dir without redoing it)."""
     from data.shapes.plan_world import TEXT_LEN
     d, py = data_dir(cfg, Cell(world, kind, 1.0, 4, 1)), sys.executable
     text = [f'--text_len={TEXT_LEN}'] if world == 'plan' else []
@@ -253,12 +331,24 @@ def prepare_steps(cfg, world, kind):
                       (['--preset=strong'] if kind == 'clip_strong' else []) +
                       ([f'--context_length={TEXT_LEN}'] if world == 'plan' else []), os.path.exists(path)))
         encode.append(f'--teacher={path}')
-    steps.append(('encode', encode, os.path.exists(os.path.join(d, 'meta.json'))))
+    if patch:
+        encode.append('--patch_targets=True')
+    steps.append(('encode', encode, has_patch_targets(d) if patch else os.path.exists(os.path.join(d, 'meta.json'))))
     return steps
+
+
+def has_patch_targets(d):
+    path = os.path.join(d, 'meta.json')
+    return os.path.exists(path) and 'teacher_patch' in json.load(open(path))
 
 
 def needed_data(runs):
     return sorted({(cell.world, cell.kind) for cell, _, _ in runs})
+
+
+def needs_patch(runs, world, kind):
+    """Whether a planned run of (world, kind) aligns to patch targets."""
+    return any(c.world == world and c.kind == kind and c.target != 'global' for c, _, _ in runs)
 
 
 def prepare_data(cfg, runs):
@@ -268,7 +358,7 @@ def prepare_data(cfg, runs):
                          f'data/shapes/train_tokenizer.py) or point --vqgan at one')
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     for world, kind in needed_data(runs):
-        for name, cmd, done in prepare_steps(cfg, world, kind):
+        for name, cmd, done in prepare_steps(cfg, world, kind, needs_patch(runs, world, kind)):
             if not done or name == 'encode':  # encode skips by itself when meta.json matches
                 print(f'[prepare {world} {kind}] {name}: {" ".join(cmd)}', flush=True)
                 subprocess.run(cmd, check=True, cwd=ROOT, env=env)
@@ -444,7 +534,7 @@ def print_plan(cfg, runs):
           f'{cfg.schedule_steps} steps, primary metrics at {cfg.full_score_steps} on {cfg.n_prompts} val prompts')
     prep = 0.0
     for world, kind in needed_data(runs):
-        todo = [name for name, _, done in prepare_steps(cfg, world, kind) if not done]
+        todo = [name for name, _, done in prepare_steps(cfg, world, kind, needs_patch(runs, world, kind)) if not done]
         cost = PREP_MINUTES[kind] if 'teacher' in todo else (1.5 if todo else 0.0)
         prep += cost
         print(f'  data {data_dir(cfg, Cell(world, kind, 1.0, 4, 1)):<34} ' +
@@ -493,7 +583,7 @@ def metric_keys(world):
 def cell_order(cell_text):
     c = Cell.parse(cell_text)
     return (c.n_layer, c.teacher != 'none', TEACHERS.index(c.kind), c.teacher.endswith('_shuffled'), c.align_layer,
-            c.align_weight)
+            c.align_weight, TARGETS.index(c.target))
 
 
 def summarise(rows, full_score_steps):
@@ -533,7 +623,7 @@ def best_cell(rows, world, full_score_steps=(1000, 3000)):
                          f'cells with --best=world:teacher:weight:n_layer:align_layer')
     table = summary[min(summary, key=lambda k: int(k.split('@')[1]))]
     scored = [(e['paired']['prompt_acc'][0], -e['paired']['val_ce'][0], c) for c, e in table.items()
-              if 'paired' in e and not c.split(':')[1].endswith('_shuffled')]
+              if 'paired' in e and not c.split(':')[1].endswith('_shuffled') and Cell.parse(c).target == 'global']
     if not scored:
         raise ValueError(f'no {world} cell has a baseline run to compare with; run the screen first')
     return Cell.parse(max(scored)[2])
@@ -573,6 +663,53 @@ def markdown(summary, ceilings=None):
                 if k in PAIRED:
                     cells.append(_diff_text(*e['paired'][k], k) if 'paired' in e else '')
             lines.append('| ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def target_label(cell):
+    """How the global-vs-patch table names a cell: none / global / patch / both, + shuffled, the oracle marked."""
+    if cell.teacher == 'none':
+        return 'none (baseline)'
+    label = cell.target + (' shuffled' if cell.teacher.endswith('_shuffled') else '')
+    return label + (' (scene oracle)' if cell.kind == 'scene' and TARGET_WORLDS.get(cell.world) != 'scene' else '') + \
+        f' (w {cell.align_weight:g})'
+
+
+def target_order(cell_text):
+    """Rows of the global-vs-patch table: baseline, global, patch, both, then the shuffled controls, the oracle."""
+    c = Cell.parse(cell_text)
+    return (c.teacher != 'none', c.kind != TARGET_WORLDS.get(c.world), c.teacher.endswith('_shuffled'),
+            TARGETS.index(c.target), c.align_weight)
+
+
+TARGET_COLUMNS = ('prompt_acc', 'frechet_evaluator', 'val_ce', 'geneval_overall')
+
+
+def target_markdown(summary):
+    """The global-vs-patch comparison: per world and step, the 4 x 128 block-1 cells of target_cells and
+    target_confirm_cells (whichever have results), the primary metrics (prompt accuracy, Frechet) and the secondary
+    ones (val CE, GenEval overall) as mean +/- std over seeds, with paired differences against the baseline."""
+    names = dict((k, n) for k, n, _ in METRICS)
+    lines = []
+    for key, table in summary.items():
+        world, step = key.split('@')
+        if world not in TARGET_WORLDS or not any(Cell.parse(c).target != 'global' for c in table):
+            continue
+        family = sorted((c for c in table if Cell.parse(c).n_layer == 4 and Cell.parse(c).align_layer == 1),
+                        key=target_order)
+        header = ['target', 'cell', 'n'] + [h for k in TARGET_COLUMNS
+                                            for h in ([names[k], 'vs baseline'] if k in PAIRED else [names[k]])]
+        lines += [f'### global vs patch: {world} world, step {step}', '', '| ' + ' | '.join(header) + ' |',
+                  '|' + '---|' * len(header)]
+        for cell_text in family:
+            e, cell = table[cell_text], Cell.parse(cell_text)
+            row = [target_label(cell), f'`{cell_text}`', str(len(e['seeds']))]
+            for k in TARGET_COLUMNS:
+                row.append(_cell_text(*e['metrics'][k][:2], k) if k in e['metrics'] else 'n/a')
+                if k in PAIRED:
+                    row.append(_diff_text(*e['paired'][k], k) if 'paired' in e else '')
+            lines.append('| ' + ' | '.join(row) + ' |')
         lines.append('')
     return '\n'.join(lines)
 
@@ -670,7 +807,9 @@ def report(cfg):
     ceilings = {w: json.load(open(p)) for w in WORLDS
                 if os.path.exists(p := os.path.join(cfg.out_dir, f'ceiling_{w}.json'))}
     summary, teachers = summarise(rows, cfg.full_score_steps), teacher_rows(cfg)
-    text = markdown(summary, ceilings) + ('\n' + teacher_markdown(teachers) if teachers else '')
+    targets = target_markdown(summary)
+    text = (targets + '\n' if targets else '') + markdown(summary, ceilings) + \
+        ('\n' + teacher_markdown(teachers) if teachers else '')
     print(text)
     atomic_write_bytes((text + '\n').encode(), os.path.join(cfg.out_dir, 'results.md'))
     atomic_write_bytes(json.dumps(dict(summary=summary, ceilings=ceilings, teachers=teachers), indent=1).encode(),

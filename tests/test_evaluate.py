@@ -388,3 +388,57 @@ def test_trained_evaluator_reads_the_plan_world(trained):
     bad = np.stack([world.render(s) for s in swapped])
     m_bad = ev.plan_prompt_metrics(ev.read_images(model, bad), [world.caption(s) for s in related])
     assert m_bad['relation_acc'] <= 0.1 and m_bad['count_acc'] >= 0.9, m_bad
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# GenEval's task groups
+
+
+def reading(objects):
+    """A hand-made evaluator reading of one image: {head: (1, 9)} with the given (cell, shape, colour) objects (size
+    large) on a plain black background."""
+    r = dict(shape=np.zeros((1, 9), int), color=np.full((1, 9), -1), size=np.full((1, 9), -1),
+             bg_color=np.zeros((1, 9), int), bg_texture=np.zeros((1, 9), int))
+    for cell, shape, color in objects:
+        r['shape'][0, cell] = 1 + world.SHAPES.index(shape)
+        r['color'][0, cell] = ev.COLOR_NAMES.index(color)
+        r['size'][0, cell] = 1
+    return r
+
+
+def test_geneval_groups_on_a_hand_built_batch():
+    """Each group scores exactly the prompts of its kind, with the right verdict, and overall is their mean."""
+    two = 'a large red circle in the top left and a small blue cross in the bottom right'
+    rel = 'a large white cross below a small green diamond'
+    batch = [
+        ('a large red circle in the center', [(4, 'circle', 'red')]),                    # single + colours
+        ('a small blue square in the top left', [(0, 'square', 'green')]),               # single, wrong colour
+        (two, [(0, 'circle', 'red'), (8, 'cross', 'blue')]),                             # all right
+        (two, [(8, 'circle', 'red'), (0, 'cross', 'blue')]),                             # both there, places swapped
+        (two, [(0, 'circle', 'red')]),                                                   # the cross is missing
+        ('two small red circles and a large blue square on a plain background',
+         [(0, 'circle', 'red'), (5, 'circle', 'red'), (7, 'square', 'blue')]),            # the count is right
+        ('two small red circles and a large blue square',
+         [(0, 'circle', 'red'), (5, 'circle', 'red'), (2, 'circle', 'red'), (7, 'square', 'blue')]),  # one too many
+        (rel, [(7, 'cross', 'white'), (1, 'diamond', 'green')]),                          # the relation holds
+        (rel, [(1, 'cross', 'white'), (7, 'diamond', 'green')]),                          # ... and here it does not
+    ]
+    pred = {k: np.concatenate([reading(objs)[k] for _, objs in batch]) for k in ev.HEADS}
+    m = ev.geneval_metrics(pred, [p for p, _ in batch])
+    want = dict(single_object=(1.0, 2), colors=(0.5, 2), two_object=(4 / 5, 5), color_attr=(4 / 5, 5),
+                position=(2 / 5, 5), counting=(0.5, 2))
+    for group, (acc, n) in want.items():
+        assert m[f'geneval_{group}'] == pytest.approx(acc) and m[f'n_geneval_{group}'] == n, group
+    assert m['geneval_overall'] == pytest.approx(np.mean([a for a, _ in want.values()]))
+    # the default world alone has no counting prompt: nan there, and overall is the mean of the other five
+    d = ev.geneval_metrics({k: v[:5] for k, v in pred.items()}, [p for p, _ in batch[:5]])
+    assert math.isnan(d['geneval_counting']) and d['n_geneval_counting'] == 0
+    assert d['geneval_overall'] == pytest.approx(np.mean([1.0, 0.5, 2 / 3, 2 / 3, 1 / 3]))
+
+
+def test_geneval_groups_of_perfect_readings_are_one():
+    scenes = random_scenes(300, seed=4) + plan_scenes(600, seed=5)
+    m = ev.geneval_metrics(truth(scenes), [world.caption(s) for s in scenes])
+    for g in ev.GENEVAL_GROUPS:
+        assert m[f'geneval_{g}'] == 1.0 and m[f'n_geneval_{g}'] > 20, g
+    assert m['geneval_overall'] == 1.0

@@ -199,3 +199,89 @@ def test_paired_curve_is_the_mean_same_seed_difference(results):
         expect = np.mean([value['default:scene:0.3:4:1', s, step] - value['default:none:0:4:1', s, step]
                           for s in seeds])
         assert diff == pytest.approx(expect)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# global vs patch targets
+
+def test_the_target_is_a_field_of_the_cell():
+    """A sixth field names the target; global cells print (and name their runs) as before; the baseline has none;
+    a patch cell's weight becomes the patch loss's, a both cell's weights both losses."""
+    for text in ('plan:clip:0.5:4:1:patch', 'default:clip_shuffled:0.5:4:1:patch', 'plan:scene:0.5:8:3:both'):
+        assert str(ex.Cell.parse(text)) == text
+    assert str(ex.Cell.parse('default:clip:1:4:1:global')) == 'default:clip:1:4:1'
+    assert ex.Cell.parse('default:clip:1:4:1:global').name == ex.Cell.parse('default:clip:1:4:1').name
+    patch = ex.Cell.parse('plan:clip:0.5:4:1:patch')
+    assert patch.name == 'plan_clip_w0.5_L4b1_patch' and patch.baseline == ex.Cell.parse('plan:none:0:4:1')
+    assert ex.shuffled_twin(patch) == ex.Cell.parse('plan:clip_shuffled:0.5:4:1:patch')
+    assert patch.train_args()[-2:] == ['--align_target=patch', '--patch_weight=0.5']
+    assert '--align_target=both' in ex.Cell.parse('plan:clip:0.5:4:1:both').train_args()
+    assert not any('align_target' in a for a in ex.Cell.parse('plan:clip:1:4:1').train_args())
+    for bad in ('plan:clip:0.5:4:1:cells', 'plan:clip:0.5:4:1:patch:x'):
+        with pytest.raises(ValueError, match='cell'):
+            ex.Cell.parse(bad)
+    # every train.py flag a cell writes is a real one (configurator rejects unknown keys)
+    import train
+    train.configure(train.TrainConfig(), ex.Cell.parse('plan:clip_shuffled:0.5:4:1:both').train_args())
+
+
+def test_targets_plan_screens_every_target_and_the_controls_per_world(tmp_path):
+    cfg = ex.ExperimentConfig(plan='targets', out_dir=str(tmp_path), data_root=str(tmp_path / 'data'))
+    runs = ex.planned_runs(cfg)
+    assert {s for _, s, _ in runs} == {0} and {n for _, _, n in runs} == {1000}
+    for w in ('plan', 'default'):
+        got = {str(c) for c, _, _ in runs if c.world == w}
+        assert got == {f'{w}:none:0:4:1', f'{w}:clip:1:4:1', f'{w}:clip:0.5:4:1:patch', f'{w}:clip:0.5:4:1:both',
+                       f'{w}:clip_shuffled:0.5:4:1:patch', f'{w}:scene:0.5:4:1:patch'}
+    # the worlds without a teacher entry yet (the Fashion-MNIST placeholder) are left out, not an error
+    assert ex.target_worlds(['plan', 'fashion']) == ['plan']
+    # the data dirs that a patch cell reads are encoded with their patch targets
+    steps = dict((n, (cmd, done)) for n, cmd, done in ex.prepare_steps(cfg, 'plan', 'clip', patch=True))
+    assert '--patch_targets=True' in steps['encode'][0] and not steps['encode'][1]
+    assert ex.needs_patch(runs, 'plan', 'scene') and ex.needs_patch(runs, 'default', 'clip')
+    assert not ex.needs_patch([(ex.Cell.parse('plan:clip:1:4:1'), 0, 1000)], 'plan', 'clip')
+
+
+def target_results(tmp_path):
+    rng = np.random.default_rng(1)
+    shifts = {'none:0:4:1': 0.0, 'clip:1:4:1': 0.5, 'clip:0.5:4:1:patch': 1.5, 'clip:0.5:4:1:both': 1.0,
+              'clip_shuffled:0.5:4:1:patch': -0.5, 'scene:0.5:4:1:patch': 3.0}
+    rows = [dict(fake_row(f'{w}:{c}', 0, 1000, rng, shift), geneval_overall=0.5 + 0.1 * shift)
+            for w in ('plan', 'default') for c, shift in shifts.items()]
+    with open(tmp_path / 'results.jsonl', 'w') as f:
+        f.write(''.join(json.dumps(r) + '\n' for r in rows))
+    return rows
+
+
+def test_targets_confirm_takes_the_best_patch_or_both_cell_with_five_seeds_to_3000(tmp_path):
+    """'auto' picks the patch / both cell of the world's teacher with the largest paired gain (not the oracle, not
+    the shuffled control); the confirm runs baseline, global, it and its shuffled twin with seeds 0..4 to 3000; its
+    dry run prints the cost."""
+    rows = target_results(tmp_path)
+    assert ex.best_target_cell(rows, 'plan') == ex.Cell.parse('plan:clip:0.5:4:1:patch')
+    cfg = ex.ExperimentConfig(plan='targets_confirm', out_dir=str(tmp_path), worlds='plan',
+                              data_root=str(tmp_path / 'data'))
+    runs = ex.planned_runs(cfg)
+    assert {n for _, _, n in runs} == {3000} and {s for _, s, _ in runs} == set(range(5))
+    assert {str(c) for c, _, _ in runs} == {'plan:none:0:4:1', 'plan:clip:1:4:1', 'plan:clip:0.5:4:1:patch',
+                                             'plan:clip_shuffled:0.5:4:1:patch'}
+    assert ex.print_plan(cfg, runs) > 0
+    with pytest.raises(ValueError, match='targets first'):
+        ex.best_target_cell([r for r in rows if 'patch' not in r['cell'] and 'both' not in r['cell']], 'plan')
+
+
+def test_report_has_the_global_vs_patch_table(tmp_path, capsys):
+    rows = target_results(tmp_path)
+    ex.main(ex.ExperimentConfig(out_dir=str(tmp_path), report_only=True, full_score_steps=(1000,),
+                                data_root=str(tmp_path / 'data')))
+    md = (tmp_path / 'results.md').read_text().splitlines()
+    assert '### global vs patch: plan world, step 1000' in md and '### global vs patch: default world, step 1000' in md
+    line = next(l for l in md if l.startswith('| patch (w 0.5) | `plan:clip:0.5:4:1:patch` |'))
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    got = {r['cell']: r for r in rows if r['world'] == 'plan'}
+    diff = got['plan:clip:0.5:4:1:patch']['prompt_acc'] - got['plan:none:0:4:1']['prompt_acc']
+    assert cells[2] == '1' and cells[4] == f'{diff:+.3f} (n=1)'
+    assert cells[-1] == f'{got["plan:clip:0.5:4:1:patch"]["geneval_overall"]:.3f} +/- 0.000'
+    labels = [l.split('|')[1].strip() for l in md[md.index('### global vs patch: plan world, step 1000') + 4:][:6]]
+    assert labels == ['none (baseline)', 'global (w 1)', 'patch (w 0.5)', 'both (w 0.5)', 'patch shuffled (w 0.5)',
+                      'patch (scene oracle) (w 0.5)']

@@ -288,6 +288,115 @@ def test_alignment_loss_refuses_a_teacher_of_another_width():
         alignment_loss(torch.randn(3, 5, 16), torch.randn(3, 8))
 
 
+def patch_pair(projector='mlp', **overrides):
+    """A 'global' model and a 'patch' model with the same body, the patch head a copy of the global projector, and a
+    batch: (global model, patch model, text, codes)."""
+    g = make_model(sharpen=False, teacher_dim=24, **overrides)
+    p = make_model(sharpen=False, teacher_dim=0, align_target='patch', patch_dim=24, patch_projector=projector,
+                   **overrides)
+    p.load_state_dict({k.replace('projector.', 'patch_projector.'): v for k, v in g.state_dict().items()}, strict=True)
+    c = g.config
+    return g, p, prompt([[1, 2, 3], [4]], c.text_len), random_codes(2, c)
+
+
+def test_patch_loss_with_the_global_target_in_every_cell_is_the_global_loss():
+    """align_target='patch' with g_i = the global embedding at every cell is ARRA's global loss (same projector)."""
+    g, p, text, codes = patch_pair()
+    teacher = torch.randn(2, 24)
+    cells = teacher[:, None, :].expand(2, g.config.image_tokens, 24)          # (B, T, D): one vector everywhere
+    a, b = g(text, codes, teacher=teacher), p(text, codes, teacher_patch=cells)
+    assert b.align_loss is None and a.patch_loss is None
+    torch.testing.assert_close(b.patch_loss, a.align_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=0)                 # the CE does not see the targets
+
+
+def test_patch_loss_pairs_position_i_with_code_i_and_sees_a_permutation_the_global_loss_does_not():
+    """Permuting the patch targets over positions changes the patch loss; the global loss, one vector for every
+    position, has nothing to permute. And the pairing is exact: position i (which predicts code i) against cell i,
+    checked against the cosines computed by hand from align_hidden."""
+    g, p, text, codes = patch_pair()
+    T = g.config.image_tokens
+    cells = torch.randn(2, T, 24)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(0))
+    out = p(text, codes, teacher_patch=cells)
+    shuffled = p(text, codes, teacher_patch=cells[:, perm])
+    assert abs(out.patch_loss.item() - shuffled.patch_loss.item()) > 1e-3
+    # the global loss pairs every position with the same vector: a permutation of positions leaves it as it is
+    teacher = torch.randn(2, 24)
+    glob = g(text, codes, teacher=teacher)
+    torch.testing.assert_close(alignment_loss(g.projector(glob.align_hidden[:, perm]), teacher), glob.align_loss)
+    by_hand = 1 - F.cosine_similarity(p.patch_projector(out.align_hidden), cells, dim=-1).mean()  # (B, T) pairs
+    torch.testing.assert_close(out.patch_loss, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_loss_of_a_prefix_uses_the_prefix_cells():
+    """A shorter code prefix (t < T) aligns positions 0..t-1 with cells 0..t-1 only."""
+    _, p, text, codes = patch_pair()
+    cells = torch.randn(2, p.config.image_tokens, 24)
+    t = 5
+    out = p(text, codes[:, :t], teacher_patch=cells)
+    by_hand = 1 - F.cosine_similarity(p.patch_projector(out.align_hidden[:, :t]), cells[:, :t], dim=-1).mean()
+    torch.testing.assert_close(out.patch_loss, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_both_is_the_weighted_sum_of_the_two_losses_with_two_projectors():
+    """align_target='both': two heads; the objective is align_weight x global + patch_weight x patch, each equal to
+    what a one-target model with that head computes."""
+    from model import alignment_objective
+    torch.manual_seed(0)
+    m = make_model(sharpen=False, teacher_dim=24, align_target='both', patch_dim=16, patch_projector='repa',
+                   patch_projector_hidden=40)
+    assert isinstance(m.projector, Projector) and isinstance(m.patch_projector, model_module.RepaProjector)
+    assert m.patch_projector.fc2.in_features == 40 and m.patch_projector.fc3.out_features == 16
+    c = m.config
+    text, codes = prompt([[1, 2, 3], [4]], c.text_len), random_codes(2, c)
+    teacher, cells = torch.randn(2, 24), torch.randn(2, c.image_tokens, 16)
+    out = m(text, codes, teacher, cells)
+    glob = make_model(sharpen=False, teacher_dim=24)
+    glob.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith('patch_projector.')})
+    patch = make_model(sharpen=False, align_target='patch', patch_dim=16, patch_projector='repa',
+                       patch_projector_hidden=40)
+    patch.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith('projector.')})
+    a, b = glob(text, codes, teacher=teacher).align_loss, patch(text, codes, teacher_patch=cells).patch_loss
+    torch.testing.assert_close(out.align_loss, a, rtol=0, atol=0)
+    torch.testing.assert_close(out.patch_loss, b, rtol=0, atol=0)
+    torch.testing.assert_close(alignment_objective(out, 1.0, 0.5), a + 0.5 * b)
+    torch.testing.assert_close(alignment_objective(out, 0.0, 0.5), 0.5 * b)
+    # both heads train and are left out of the sampling parameter count
+    alignment_objective(out, 1.0, 0.5).backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in m.patch_projector.parameters())
+    assert all(q.grad is not None for q in m.projector.parameters())
+    heads = sum(q.numel() for h in (m.projector, m.patch_projector) for q in h.parameters())
+    assert m.num_params() == sum(q.numel() for q in m.parameters()) - heads
+
+
+def test_patch_targets_for_a_model_without_patch_head_are_refused_and_configs_checked():
+    m = make_model(teacher_dim=24)
+    with pytest.raises(AssertionError, match='patch projector'):
+        m(prompt([[1]], m.config.text_len), random_codes(1, m.config), teacher_patch=torch.randn(1, 12, 24))
+    for bad in (dict(align_target='cells'), dict(patch_projector='mlp3'), dict(patch_dim=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GPT(GPTConfig(**{**TINY, **bad}))
+    assert make_model(teacher_dim=24, align_target='patch', patch_dim=8).projector is None  # no unused global head
+
+
+@pytest.mark.parametrize('target', ['patch', 'both'])
+def test_patch_heads_keep_the_pad_and_cache_guarantees(target):
+    """A model with a patch head still gives pad-invariant logits and cached sampling equal to full recompute."""
+    short = make_model(text_len=8, teacher_dim=24, align_target=target, patch_dim=16)
+    long = make_model(text_len=13, teacher_dim=24, align_target=target, patch_dim=16)
+    long.load_state_dict(short.state_dict(), strict=True)
+    toks, codes, cells = [[5, 9, 17], [3]], random_codes(2, short.config), torch.randn(2, 12, 16)
+    a = short(prompt(toks, 8), codes, teacher_patch=cells)
+    b = long(prompt(toks, 13), codes, teacher_patch=cells)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.patch_loss, b.patch_loss, rtol=1e-5, atol=1e-6)
+    text = prompt(toks, 8)
+    run = lambda use_cache: short.generate(text, cfg_scale=2.0, top_k=20, use_cache=use_cache,  # noqa: E731
+                                           generator=torch.Generator().manual_seed(5))
+    assert torch.equal(run(True), run(False))
+
+
 def test_alignment_gradients_reach_projector_and_early_blocks_only():
     """The alignment term trains the projector and the blocks up to align_layer; the teacher is a fixed target and
     later blocks and the head do not feed the aligned state."""
@@ -432,15 +541,21 @@ def test_an_empty_nucleus_is_refused():
         sample_from_logits(LOGITS, top_p=0.0)
 
 
-def test_generate_gives_identical_codes_with_the_projector_deleted():
-    """ARRA's claim: inference is the base model's. A model whose (large, random) projector is removed, rebuilt as
-    teacher_dim=0 from the same weights, samples exactly the same codes, so generate never touches the projector."""
-    m = make_model(teacher_dim=24)
+@pytest.mark.parametrize('heads', [dict(), dict(align_target='both', patch_dim=20, patch_projector='repa',
+                                                patch_projector_hidden=48)])
+def test_generate_gives_identical_codes_with_the_projector_deleted(heads):
+    """ARRA's claim: inference is the base model's. A model whose (large, random) projectors (the global one, and the
+    patch one with align_target='both') are removed, rebuilt as teacher_dim=0 from the same weights, samples exactly
+    the same codes, so generate never touches a projector."""
+    m = make_model(teacher_dim=24, **heads)
+    assert (m.patch_projector is not None) == bool(heads)
     with torch.no_grad():
-        for p in m.projector.parameters():
-            p.normal_(0.0, 10.0)                  # any use of the projector would now change the logits a lot
+        for head in (m.projector, m.patch_projector):
+            for p in head.parameters() if head is not None else ():
+                p.normal_(0.0, 10.0)              # any use of a projector would now change the logits a lot
     base = GPT(GPTConfig(**TINY))
-    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith('projector.')}, strict=True)
+    heads = ('projector.', 'patch_projector.')
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith(heads)}, strict=True)
     text = prompt([[1, 2, 3], [4]], m.config.text_len)
     run = lambda model: model.generate(text, cfg_scale=2.0, generator=torch.Generator().manual_seed(7))  # noqa: E731
     assert torch.equal(run(m), run(base.eval()))

@@ -24,6 +24,8 @@ What it measures (evaluate_samples, one flat dict of floats):
   world_name='plan'), plan_prompt_metrics replaces prompt_metrics: count_acc, objects_acc (every object of the
   caption there and nothing else), named_cell_acc, relation_acc, bg_*_acc and prompt_acc (all of it at once); the
   Frechet reference is then the plan world's val split. The reader is the same: it reads cells, not captions.
+- geneval_*: accuracy in GenEval's six task groups (Ghosh et al. 2023, the field's standard prompt-following
+  benchmark) where our prompts allow, and geneval_overall, their mean (geneval_metrics says how each group maps).
 
 How the evaluator works: the image is resized to 3*cell_px pixels a side and cut into its 9 cells; one shared CNN
 reads each cell crop alone (shape: none + 5, colour 7, size 2, background colour 4, texture 2). Because a cell's
@@ -493,6 +495,70 @@ def plan_prompt_metrics(pred, prompts):
         n_bg_color_named=float(len(bgc)), n_bg_texture_named=float(len(bgt)))
 
 
+GENEVAL_GROUPS = ('single_object', 'two_object', 'counting', 'colors', 'position', 'color_attr')
+_COUNT_CLAUSE = re.compile(rf"(?:^| and )({'|'.join(NUMBER_WORDS.values())}) ({'|'.join(SIZES)}) "
+                           rf"({'|'.join(COLORS)}) ({'|'.join(PLURALS.values())})(?= and |$)")
+
+
+def geneval_metrics(pred, prompts):
+    """GenEval's six task groups on read images (read_images) against prompts of either world, as far as our prompts
+    allow. A prompt joins the group its caption matches, and an object 'is there' when some occupied cell reads its
+    shape (and colour, where the group asks for it); like GenEval, extra objects are not penalised outside counting
+    and sizes are not checked (prompt_acc checks everything):
+      counting       a counted group ('two small red circles', plan world): the image shows exactly as many objects
+                     of each counted shape as the caption has
+      single_object  one object: an object of its shape is there         colors      ... and of its colour
+      two_object     two objects (no count): both shapes are there, in two different cells
+      color_attr     two objects of different colours: each is there with its own colour, in two different cells
+      position       two or more objects placed by the caption: each relation holds between two cells showing its
+                     two objects (plan world: GenEval's relative positions), or, without a relation, both objects
+                     of a two-object caption stand in their named cells (absolute positions, both named)
+    -> geneval_<group> (nan where no prompt belongs to a group), n_geneval_<group>, and geneval_overall: the mean of
+    the groups that have prompts (GenEval's overall is the mean of its six; the default world has no counting)."""
+    out = {g: [] for g in GENEVAL_GROUPS}
+    for i, text in enumerate(prompts):
+        p = parse_plan_caption(text)
+        objs, rels = p['objects'], p['relations']
+        occupied = np.flatnonzero(pred['shape'][i] > 0).tolist()
+
+        def there(spec, cell, keys):
+            return (pred['shape'][i, cell] == 1 + SHAPES.index(spec['shape']) and
+                    ('color' not in keys or pred['color'][i, cell] == COLOR_NAMES.index(spec['color'])) and
+                    ('cell' not in keys or spec['cell'] in (None, cell)))
+
+        def matched(specs, keys, check=lambda cells: True):  # distinct occupied cells showing the specs, in order
+            return any(all(there(s, c, keys) for s, c in zip(specs, cells)) and check(cells)
+                       for cells in itertools.permutations(occupied, len(specs)))
+        counted = [_SINGULAR[m[4]] for m in _COUNT_CLAUSE.finditer(_clauses(text))]
+        if counted:
+            out['counting'].append(all(sum(pred['shape'][i, c] == 1 + SHAPES.index(s) for c in occupied) ==
+                                       sum(o['shape'] == s for o in objs) for s in set(counted)))
+            continue
+        if len(objs) == 1:
+            out['single_object'].append(matched(objs, ('shape',)))
+            out['colors'].append(matched(objs, ('shape', 'color')))
+        if len(objs) == 2:
+            out['two_object'].append(matched(objs, ('shape',)))
+            if objs[0]['color'] != objs[1]['color']:
+                out['color_attr'].append(matched(objs, ('shape', 'color')))
+        if rels:
+            out['position'].append(all(matched([objs[a], objs[b]], ('shape', 'color'),
+                                               lambda cells, r=r: relation_holds(r, *cells)) for a, b, r in rels))
+        elif len(objs) == 2 and all(o['cell'] is not None for o in objs):
+            out['position'].append(matched(objs, ('shape', 'color', 'cell')))
+    scores = {f'geneval_{g}': float(np.mean(v)) if v else float('nan') for g, v in out.items()}
+    present = [s for s in scores.values() if not np.isnan(s)]
+    return scores | {f'n_geneval_{g}': float(len(v)) for g, v in out.items()} | dict(
+        geneval_overall=float(np.mean(present)) if present else float('nan'))
+
+
+def _clauses(text):
+    """A caption without its background phrase (the clauses only)."""
+    def fail(why):
+        raise ValueError(f'{text!r} is not a shapes caption ({why})')
+    return split_background(text, fail)[0]
+
+
 def caption_world(prompts):
     """'default' when every prompt is a default-world caption, else 'plan' (whose grammar contains the default's)."""
     try:
@@ -532,7 +598,7 @@ def evaluate_samples(images_uint8, prompts, evaluator=None, real_images=None, in
     real = real_val_images(images.shape[1], world_name=world_name) if real_images is None else np.asarray(real_images)
     pred = read_images(evaluator, images, progress=progress)
     scores = prompt_metrics if world_name == 'default' else plan_prompt_metrics
-    metrics = scores(pred, prompts) | coherence_metrics(pred, prompts)
+    metrics = scores(pred, prompts) | coherence_metrics(pred, prompts) | geneval_metrics(pred, prompts)
     real_feats = read_images(evaluator, real)['features']
     metrics['frechet_evaluator'] = fid.frechet_distance(*fid.compute_statistics(pred['features']),
                                                         *fid.compute_statistics(real_feats))

@@ -25,6 +25,9 @@ and writes, next to the images:
     {split}_text.bin      uint16 (N, 28)           the caption's text-tokenizer ids, left-padded
     {split}_teacher.bin   float16 (N, D)           the teacher's L2-normalised global embedding of the image
     meta.json             sizes, and the identity (path, sha256) of the tokenizer and teacher that made them
+
+and with --patch_targets=True (for train.py --align_target=patch|both; added to an encoded dir without redoing it):
+    {split}_teacher_patch.bin  float16 (N, T, D_p)  the teacher's patch features on the code grid (teachers.py)
 """
 import os
 import sys
@@ -100,6 +103,7 @@ class PrepareConfig(RenderConfig):
     text_len: int = SHAPES_TEXT_LEN                   # L: text block length of the GPT
     text_tokenizer: str = 'open_clip'                 # 'open_clip', or an LLM folder / tokenizer.json / hub id
     batch_size: int = 256                             # images per tokenizer / teacher forward pass
+    patch_targets: bool = False                       # also write {split}_teacher_patch.bin (REPA-style targets)
     device: str = 'auto'                              # 'auto' = cuda when available
 
 
@@ -151,7 +155,7 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
         if have == wanted and all(os.path.exists(array_path(cfg.out_dir, s, a))
                                   for s in splits for a in ('codes', 'text', 'teacher')):
             print(f'{cfg.out_dir} is already encoded with this tokenizer and teacher; skipping')
-            return old
+            return encode_patch_targets(cfg, old, teacher, splits, progress) if cfg.patch_targets else old
         os.remove(os.path.join(cfg.out_dir, 'meta.json'))  # the arrays are about to change: never a stale meta
 
     vq = load_vqgan(cfg.vqgan)
@@ -191,6 +195,38 @@ def encode_dataset(cfg: PrepareConfig, progress=True):
     )
     write_meta(cfg.out_dir, meta)  # last: a run cut short leaves no meta.json, so nothing reads half-made arrays
     print(f'encoded {meta["n_train"]} train + {meta["n_val"]} val pairs in {time.time() - t0:.1f}s into {cfg.out_dir}')
+    return encode_patch_targets(cfg, meta, teacher, splits, progress) if cfg.patch_targets else meta
+
+
+def encode_patch_targets(cfg, meta, teacher, splits, progress=True):
+    """Add {split}_teacher_patch.bin (float16 (N, T, D_p) on the code grid) and meta.json's `teacher_patch` to an
+    encoded dir; skipped when they are there for this teacher. meta.json loses the record while the files change,
+    so a cut-short run leaves no stale one. -> the new meta."""
+    from data.common import open_patch_targets, write_meta
+    from data.encode import announce_patch_targets, write_patch_targets, patch_meta
+    from data.shapes import teachers
+    rec, grid = meta.get('teacher_patch'), tuple(meta['grid'])
+    scene = isinstance(teacher, teachers.SceneTeacher)
+    expected = teachers.ScenePatchTeacher().identity() if scene else teacher.identity()
+    def same(a, b):  # the same teacher, wherever its file now lies
+        return a.get('sha256') is not None and all(a.get(k) == b.get(k) for k in ('name', 'sha256'))
+    if isinstance(rec, dict) and same(rec.get('teacher', {}), expected) and \
+            all(open_patch_targets(cfg.out_dir, s, meta) is not None for s in splits):
+        print(f'{cfg.out_dir} already holds patch targets of this teacher; skipping')
+        return meta
+    dim = teachers.SCENE_DIM if scene else teacher.model.visual.transformer.width  # the ViT's token width
+    announce_patch_targets(cfg.out_dir, meta['splits'], meta['image_tokens'], dim)
+    meta = {k: v for k, v in meta.items() if k != 'teacher_patch'}
+    write_meta(cfg.out_dir, meta)
+    sha, t0 = {}, time.time()
+    for split, (images, _) in splits.items():
+        array, ident, src, how = teachers.patch_split(teacher, cfg.out_dir, split, images, grid, cfg.batch_size,
+                                                      progress)                            # (N, T, D_p) float16
+        assert array.shape == (meta['splits'][split], meta['image_tokens'], dim), array.shape
+        sha[split] = write_patch_targets(cfg.out_dir, split, array)
+    meta = dict(meta, teacher_patch=patch_meta(ident, src, grid, dim, how, sha))
+    write_meta(cfg.out_dir, meta)
+    print(f'wrote patch targets ({ident["name"]}, {grid[0]}x{grid[1]} x {dim}) in {time.time() - t0:.1f}s')
     return meta
 
 

@@ -10,13 +10,20 @@ the background colour and texture) as one-hot attributes, mapped through a fixed
 SCENE_SEED) to D = SCENE_DIM and L2-normalised, like a CLIP embedding. It is a deterministic function of the scene
 record in {split}_scenes.jsonl, never of the pixels, so it carries exactly the image's content and nothing else.
 Aligning to it tells apart "the teacher is weak" from "alignment does not help this model".
+
+Patch targets (prepare.py --patch_targets=True, for train.py --align_target=patch|both): a CLIP kind gives its ViT's
+patch tokens resampled to the code grid (data/encode.py embed_patch_dataset; the shapes CLIP's 4 px patches on 32 px
+images are already the 8x8 code grid); `scene` gives `ScenePatchTeacher`, its patch-wise twin: for each code cell,
+what it truly shows, from the scene record: the object whose bounding box holds the cell's centre (shape, colour,
+size; else 'empty'), the background colour and texture, and the fraction of the cell's pixel rows in a light stripe,
+through a fixed random projection (seed PATCH_SEED) to D = SCENE_DIM, L2-normalised.
 """
 import hashlib
 import os
 
 import numpy as np
 
-from data.shapes.world import SHAPES, COLORS, SIZES, BG_COLORS, BG_TEXTURES
+from data.shapes.world import SHAPES, COLORS, SIZES, BG_COLORS, BG_TEXTURES, STRIPE_PERIOD, cell_box, object_radius
 
 TEACHER_KINDS = ('clip', 'clip_strong', 'scene')
 DEFAULT_CHECKPOINTS = {'clip': 'out/teacher_shapes/teacher.pt',                 # python data/shapes/train_teacher.py
@@ -25,6 +32,8 @@ SCENE_DIM = 64        # the shapes CLIP's width, so the GPT's projector is the s
 SCENE_SEED = 2503     # the projection's seed: part of the teacher's identity (meta.json)
 CELL_FEATURES = (1 + len(SHAPES)) + len(COLORS) + len(SIZES)   # shape (or empty), colour, size: 15 per cell
 SCENE_FEATURES = 9 * CELL_FEATURES + len(BG_COLORS) + len(BG_TEXTURES)   # 141
+PATCH_SEED = 2504     # the patch oracle's projection seed
+PATCH_FEATURES = CELL_FEATURES + len(BG_COLORS) + len(BG_TEXTURES) + 1   # what one code cell shows: 22
 
 
 def teacher_checkpoint(kind, path=''):
@@ -74,6 +83,76 @@ class SceneTeacher:
         sha = hashlib.sha256(f'{self.name}:{SCENE_FEATURES}:{self.dim}:{self.seed}'.encode()
                              + self.projection.tobytes()).hexdigest()
         return dict(name=self.name, pretrained=None, path=None, sha256=sha, dim=self.dim, seed=self.seed)
+
+
+def patch_onehot(scene, grid, image_size):
+    """float32 (T, PATCH_FEATURES), T = grid_h * grid_w code cells in raster order: per code cell [empty or shape (6),
+    colour (7), size (2)] of the object whose bounding box (centre +- world.object_radius) holds the code cell's
+    centre, the background colour (4) and texture (2), and the fraction of its pixel rows in a light stripe."""
+    gh, gw = grid
+    x = np.zeros((gh * gw, PATCH_FEATURES), dtype=np.float32)
+    cy = (np.arange(gh) + 0.5) * image_size / gh                           # (gh,) centres of the code rows, px
+    cx = (np.arange(gw) + 0.5) * image_size / gw                           # (gw,)
+    inside_any = np.zeros((gh, gw), dtype=bool)
+    for o in scene['objects']:
+        x0, y0, x1, y1 = cell_box(o['cell'], image_size)
+        r = object_radius(o['size'], image_size)
+        inside = (np.abs(cy - (y0 + y1) / 2) <= r)[:, None] & (np.abs(cx - (x0 + x1) / 2) <= r)[None, :]  # (gh, gw)
+        idx = np.flatnonzero(inside)
+        x[idx, 1 + SHAPES.index(o['shape'])] = 1.0
+        x[idx, 1 + len(SHAPES) + list(COLORS).index(o['color'])] = 1.0
+        x[idx, 1 + len(SHAPES) + len(COLORS) + SIZES.index(o['size'])] = 1.0
+        inside_any |= inside
+    x[~inside_any.reshape(-1), 0] = 1.0                                     # 'empty': background only
+    x[:, CELL_FEATURES + list(BG_COLORS).index(scene['bg_color'])] = 1.0
+    x[:, CELL_FEATURES + len(BG_COLORS) + BG_TEXTURES.index(scene['bg_texture'])] = 1.0
+    if scene['bg_texture'] == 'striped':                                    # as world.background draws the bands
+        period = max(2, int(round(image_size * STRIPE_PERIOD)))
+        light = (np.arange(image_size) % period) >= period // 2             # (H,) pixel rows in a light band
+        rows = np.array_split(light, gh)                                    # the pixel rows of each code row
+        x[:, -1] = np.repeat([band.mean() for band in rows], gw)
+    return x
+
+
+class ScenePatchTeacher:
+    """The patch oracle: embed(scenes, grid, image_size) -> float32 (N, T, D) unit vectors,
+    normalize(patch_onehot(scene) @ P), P a fixed (PATCH_FEATURES, D) Gaussian matrix. Two code cells that show
+    the same thing get the same target, wherever they are."""
+    name = 'shapes-scene-patch-oracle'
+
+    def __init__(self, dim=SCENE_DIM, seed=PATCH_SEED):
+        self.dim, self.seed = dim, seed
+        self.projection = np.random.default_rng(seed).standard_normal((PATCH_FEATURES, dim)).astype(np.float32)
+
+    def embed(self, scenes, grid, image_size):
+        x = np.stack([patch_onehot(s, grid, image_size) for s in scenes])   # (N, T, F)
+        e = x @ self.projection                                              # (N, T, D)
+        return e / np.linalg.norm(e, axis=-1, keepdims=True)
+
+    def identity(self):
+        sha = hashlib.sha256(f'{self.name}:{PATCH_FEATURES}:{self.dim}:{self.seed}'.encode()
+                             + self.projection.tobytes()).hexdigest()
+        return dict(name=self.name, pretrained=None, path=None, sha256=sha, dim=self.dim, seed=self.seed)
+
+
+def patch_split(teacher, data_dir, split, images, grid, batch_size=256, progress=True):
+    """-> (float16 (N, T, D_p) patch targets of a rendered split on the code grid, their teacher's identity, the
+    teacher's own patch grid, how it was resampled): the scene patch oracle for `scene`, the CLIP's patch tokens
+    otherwise."""
+    if isinstance(teacher, SceneTeacher):
+        from data.common import load_scenes
+        oracle = ScenePatchTeacher()
+        scenes = load_scenes(data_dir, split)
+        if len(scenes) != len(images):
+            raise ValueError(f'{split}: {len(images)} images but {len(scenes)} scene records in {data_dir}; '
+                             f're-render with `python data/shapes/prepare.py`')
+        array = oracle.embed(scenes, grid, images.shape[1]).astype(np.float16)
+        return array, oracle.identity(), tuple(grid), 'none: computed per code cell from the scene record'
+    from data.encode import embed_patch_dataset, teacher_patch_grid
+    src = teacher_patch_grid(teacher)
+    how = 'none: the teacher grid is the code grid' if tuple(src) == tuple(grid) else \
+        f'average pooling {src[0]}x{src[1]} -> {grid[0]}x{grid[1]} (F.adaptive_avg_pool2d), then L2-normalised'
+    return embed_patch_dataset(teacher, images, tuple(grid), batch_size, progress), teacher.identity(), src, how
 
 
 def load_teacher(kind, path, device):
