@@ -265,3 +265,52 @@ def test_real_files_shapes_and_class_counts():
     assert images.shape == (60000, 28, 28) and np.bincount(labels).tolist() == [6000] * 10
     images, labels, _ = data['val']
     assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_encode_stage_is_skipped_when_unchanged(prepared, capsys):
+    meta = fp.encode_dataset(prepared['cfg'], progress=False)
+    assert 'skipping' in capsys.readouterr().out and meta == prepared['meta']
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fashion world of scripts/experiment.py
+
+def _experiment():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import experiment
+    return experiment
+
+
+def test_fashion_cells_and_plan(tmp_path, capsys):
+    ex = _experiment()
+    assert str(ex.Cell.parse('fashion:vit_shuffled:1:4:1')) == 'fashion:vit_shuffled:1:4:1'
+    for bad in ('default:vit:1:4:1', 'fashion:scene:1:4:1'):
+        with pytest.raises(ValueError, match='teacher one of'):
+            ex.Cell.parse(bad)
+    cfg = ex.ExperimentConfig(plan='fashion', out_dir=str(tmp_path), data_root=str(tmp_path / 'data'))
+    runs = ex.planned_runs(cfg)
+    assert len(runs) == 15 and {s for _, s, _ in runs} == {0, 1, 2} and {n for _, _, n in runs} == {3000}
+    assert {c.teacher for c, _, _ in runs} == {'none', 'vit', 'clip', 'vit_shuffled', 'clip_shuffled'}
+    assert ex.data_dir(cfg, ex.Cell.parse('fashion:none:0:4:1')).endswith('fashion_clip')
+    steps = {name for name, _, _ in ex.prepare_steps(cfg, 'fashion', 'vit')}
+    assert steps == {'images', 'tokenizer', 'classifier', 'teacher', 'encode', 'reference'}
+    assert ex.print_plan(cfg, runs) > 15 * 3000 * ex.SEC_PER_STEP(4) / 60
+    assert 'fashion_vit' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='--plan=fashion'):
+        ex.planned_runs(ex.ExperimentConfig(plan='screen', worlds='fashion'))
+
+
+def test_fashion_report_tables(tmp_path):
+    ex = _experiment()
+    rows = []
+    for seed in range(3):
+        for cell, acc in (('fashion:none:0:4:1', 0.7), ('fashion:vit:1:4:1', 0.72)):
+            c = ex.Cell.parse(cell)
+            rows.append(dict(cell=cell, world='fashion', teacher=c.teacher, seed=seed, step=3000,
+                             prompt_acc=acc + 0.01 * seed, frechet_evaluator=5.0 - seed, val_ce=2.0, fd_vit=100.0))
+    summary = ex.summarise(rows, (3000,))
+    table = summary['fashion@3000']
+    assert np.isclose(table['fashion:vit:1:4:1']['paired']['prompt_acc'][0], 0.02)
+    text = ex.markdown(summary)
+    assert 'FD-ViT' in text and 'bg colour' not in text

@@ -170,7 +170,7 @@ def probe(cfg):
         name = 'pixels'
     else:
         teacher = load_teacher_spec(cfg.teacher, image_size=cfg.image_size)
-        name = teacher.name if not getattr(teacher, 'path', None) else os.path.basename(teacher.path)
+        name = teacher.name if isinstance(teacher, ViTTeacher) else os.path.basename(teacher.path or teacher.name)
         if isinstance(teacher, ViTTeacher):
             (a_cls, a_mean), (b_cls, b_mean) = vit_features(teacher, train_images), vit_features(teacher, test_images)
             spaces = dict(cls=(a_cls, b_cls), mean_patch=(a_mean, b_mean))

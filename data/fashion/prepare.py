@@ -183,8 +183,17 @@ def encode_dataset(cfg, progress=True):
     teacher = load_teacher_spec(cfg.teacher, device=device, image_size=cfg.teacher_image_size)
     text_tok = load_text_tokenizer(cfg.text_tokenizer)
     vq = load_vqgan(cfg.vqgan)
-    if os.path.exists(os.path.join(cfg.out_dir, 'meta.json')):
-        os.remove(os.path.join(cfg.out_dir, 'meta.json'))  # the arrays are about to change: never a stale meta
+    source = json.load(open(stamp_path))
+    wanted = dict(vqgan=vqgan_identity(cfg.vqgan)['sha256'], teacher=teacher.identity(), text_len=cfg.text_len,
+                  text_tokenizer=text_tok.identity(), source=source)
+    meta_path = os.path.join(cfg.out_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        old = json.load(open(meta_path))
+        if dict(vqgan=old['vqgan']['sha256'], teacher=old['teacher'], text_len=old['text_len'],
+                text_tokenizer=old['text_tokenizer'], source=old.get('source')) == wanted:
+            print(f'{cfg.out_dir} is already encoded with this tokenizer and teacher; skipping')
+            return old
+        os.remove(meta_path)  # the arrays are about to change: never a stale meta
     t0, counts = time.time(), {}
     for split in ('train', 'val'):
         images, captions = load_split(cfg.out_dir, split)
@@ -204,7 +213,7 @@ def encode_dataset(cfg, progress=True):
         codebook_size=vq.codebook_size, text_len=cfg.text_len, **text_tok.meta(),
         teacher=teacher.identity(), teacher_dim=teacher.dim, vqgan=vqgan_identity(cfg.vqgan),
         captions={split: f'{split}_captions.txt' for split in counts}, labels={s: f'{s}_labels.npy' for s in counts},
-        classes=list(CLASSES), prompts=list(PROMPTS), source=json.load(open(stamp_path)),
+        classes=list(CLASSES), prompts=list(PROMPTS), source=source,
         prepare_command=' '.join(['python data/fashion/prepare.py --stage=encode'] + [
             f'--{f.name}={getattr(cfg, f.name)}' for f in fields(cfg)
             if f.name not in ('stage', 'source') and getattr(cfg, f.name) != getattr(default, f.name)]))
