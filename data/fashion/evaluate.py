@@ -209,8 +209,11 @@ if __name__ == '__main__':
     print(asdict(config))
     res = (probe if config.what == 'probe' else ceiling)(config)
     os.makedirs(config.out, exist_ok=True)
-    tag = os.path.splitext(os.path.basename(config.teacher))[0] if config.what == 'probe' else 'ceiling'
-    path = os.path.join(config.out, f'{config.what}_{tag}_{config.image_size}px.json')
+    if config.what == 'probe':
+        path = f'probe_{os.path.splitext(os.path.basename(config.teacher))[0]}_{config.image_size}px.json'
+    else:
+        path = f'ceiling_n{config.n or 10000}{"_vit" if config.vit else ""}.json'
+    path = os.path.join(config.out, path)
     with open(path, 'w') as f:
         json.dump(res, f, indent=1)
     print(f'wrote {path}')
