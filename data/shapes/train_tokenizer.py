@@ -3,6 +3,7 @@ Train the shapes world's image tokenizer (the VQGAN of vqgan.py): 32x32 images -
 
     python data/shapes/train_tokenizer.py                    # -> out/vqgan_shapes/ckpt.pt + recon PNGs, a few minutes
     python data/shapes/train_tokenizer.py --data_dir=data/shapes64 --out_dir=out/vqgan_shapes64
+    python data/shapes/train_tokenizer.py --dataset=fashion   # any prepared image set -> out/vqgan_<dataset>/
 
 Reads {train,val}_images.npy of data/<dataset>/ through the data contract (data/common.py load_split), so it trains
 on any folder of images in that layout. Loss = reconstruction (L2 or L1) + codebook + beta * commitment, optionally
