@@ -7,6 +7,7 @@ rotary, bias-free attention, grouped-query heads).
     python llm.py                                              # fine-tuning memory estimates for some LLM sizes
     python llm.py scale                                        # memory per GPU of every size, DDP vs FSDP, and the
                                                                # compute of the ImageNet recipe (an estimate)
+    python llm.py convert_gguf --gguf=FILE.gguf --out_dir=DIR  # a llama.cpp GGUF file -> a folder loaded here
 
     from llm import from_pretrained_llm
     model = from_pretrained_llm('path/to/SmolLM2-135M', codebook_size=16384, image_tokens=256, text_len=77,
@@ -34,6 +35,7 @@ import re
 import sys
 import json
 import socket
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import torch
@@ -246,8 +248,88 @@ def from_pretrained_llm(path_or_hub_id, **gpt_overrides):
     parts are new. gpt_overrides: any other GPTConfig field (codebook_size, image_tokens, text_len, teacher_dim,
     text ids, ...); the body sizes come from the LLM's config.json."""
     folder = resolve_llm_dir(path_or_hub_id)
-    model = GPT(llm_gpt_config(read_llm_config(folder), **gpt_overrides))
-    return load_llm_weights(model, folder)
+    return load_llm_weights(gpt_from_llm_config(folder, **gpt_overrides), folder)
+
+
+def gpt_from_llm_config(path_or_hub_id, **gpt_overrides):
+    """A GPT with the LLM's architecture (its config.json) and fresh random weights, initialised as from scratch:
+    the control of an LLM start (train.py --init_from=llm_config:DIR). Only config.json is read."""
+    folder = resolve_llm_dir(path_or_hub_id, files=('config.json',))
+    return GPT(llm_gpt_config(read_llm_config(folder), **gpt_overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF file -> Hugging Face folder (config.json, model.safetensors, tokenizer.json) that the loader above reads
+
+GGUF_MAGIC = b'GGUF'
+
+
+def read_gguf_architecture(path):
+    """general.architecture of a GGUF file, after checking that it is one (magic bytes) and that it is whole (the
+    gguf package reads every tensor's offset and size against the file's length)."""
+    if not os.path.isfile(path):
+        raise LLMError(f'GGUF file {path} not found')
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise LLMError(f'{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); pass the .gguf '
+                       f'file of a Llama-family model (llama.cpp\'s format)')
+    try:
+        import gguf
+    except ImportError:
+        raise LLMError('reading a GGUF file needs the gguf package: pip install gguf accelerate') from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a cut-off file fails inside numpy's memmap or the header parser, as various errors
+        raise LLMError(f'{path} cannot be read as GGUF ({type(e).__name__}: {str(e)[:200]}): a truncated or '
+                       f'corrupt download? Fetch the file again') from None
+    field = reader.fields.get('general.architecture')
+    if field is None:
+        raise LLMError(f'{path} has no general.architecture entry: not a model GGUF file')
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > os.path.getsize(path):
+        raise LLMError(f'{path} is truncated: its tensors end at byte {end:,} but the file has '
+                       f'{os.path.getsize(path):,}; fetch the file again')
+    return field.contents()
+
+
+def convert_gguf(gguf_path, out_dir):
+    """Write out_dir/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json} from a Llama GGUF file,
+    through transformers (which dequantizes every tensor to fp32 and undoes llama.cpp's q/k row order). The weights
+    are then the *dequantized* ones: a 4-bit file gives 4-bit-rounded weights in fp32, not the original model's.
+    What is left out: the text head when it is tied to the token table (the loader reads the table), and the
+    config's quantization_config (the folder is plain fp32)."""
+    arch = read_gguf_architecture(gguf_path)
+    if arch != 'llama':
+        raise LLMError(f'{gguf_path} holds a {arch!r} model; only Llama-architecture GGUF files (general.architecture '
+                       f'llama: SmolLM2, TinyLlama, Llama 2 / 3) map onto this GPT')
+    missing = [m for m in ('gguf', 'accelerate', 'transformers') if not _importable(m)]
+    if missing:
+        raise LLMError(f'converting a GGUF file needs {", ".join(missing)}: pip install {" ".join(missing)}')
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    os.makedirs(out_dir, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop('quantization_config', None)  # transformers refuses to save a "gguf-quantized" model; ours is fp32
+    config.pop('_name_or_path', None)
+    config['architectures'] = [type(model).__name__]  # LlamaForCausalLM (transformers leaves it empty here)
+    tied = bool(config.get('tie_word_embeddings'))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == 'lm_head.weight')}
+    tmp = os.path.join(out_dir, '.tmp_model.safetensors')
+    save_file(state, tmp, metadata={'format': 'pt', 'source': f'dequantized from {name}'})
+    os.replace(tmp, os.path.join(out_dir, 'model.safetensors'))
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _importable(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
 
 
 def start_from_llm(source, meta, data_dir, gpt_overrides):
@@ -371,10 +453,32 @@ def compute_table(gpus=8, peak=H100_BF16_PEAK, mfu=ASSUMED_MFU):
               f'{r["gpu_hours"]:,.0f} | {r["node_days"]:.1f} |')
 
 
+@dataclass
+class ConvertConfig:
+    gguf: str = ''      # the .gguf file of a Llama-family model (any llama.cpp quantization; dequantized to fp32)
+    out_dir: str = ''   # the Hugging Face folder to write: config.json, model.safetensors, tokenizer.json
+
+
+def convert_main(argv):
+    """`python llm.py convert_gguf --gguf=FILE --out_dir=DIR`."""
+    from configurator import configure
+    cfg = configure(ConvertConfig(), argv)
+    if not cfg.gguf or not cfg.out_dir:
+        sys.exit('usage: python llm.py convert_gguf --gguf=FILE.gguf --out_dir=DIR')
+    try:
+        convert_gguf(cfg.gguf, cfg.out_dir)
+    except LLMError as e:
+        sys.exit(f'error: {e}')
+    print(f'wrote {cfg.out_dir}: config.json, model.safetensors (weights dequantized to fp32), tokenizer.json; use '
+          f'--init_from=llm:{cfg.out_dir} and --text_tokenizer={cfg.out_dir}')
+
+
 def main(argv):
     """Print the tables of docs/llm.md and docs/sharded-training.md: `python llm.py 1 8` (LLM fine-tuning memory on
     one GPU, batch 1 and 8) or `python llm.py scale` (every size under DDP and FSDP on 8 GPUs, batch 32, then the
-    ImageNet recipe's compute)."""
+    ImageNet recipe's compute); or convert a GGUF file: `python llm.py convert_gguf --gguf=FILE --out_dir=DIR`."""
+    if argv[:1] == ['convert_gguf']:
+        return convert_main(argv[1:])
     if argv[:1] == ['scale']:
         scale_table()
         print()

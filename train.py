@@ -54,6 +54,7 @@ class TrainConfig:
     out_dir: str = ''                # '' = out/<dataset>: ckpt.pt, log.jsonl, config.json, sample grids
     init_from: str = 'scratch'       # 'scratch', 'resume' (continue out_dir/ckpt.pt: same order, same schedule), or
                                      # 'llm:<folder or hub id>': blocks and text table from a Llama LLM (llm.py)
+                                     # 'llm_config:<folder or hub id>': that LLM's architecture, fresh weights
     # model (codebook size, image tokens, text length and teacher width come from the data's meta.json)
     model: str = 'tiny'              # size preset: 'tiny' (4 x 128), or LlamaGen's 'B', 'L', 'XL', 'XXL'
     n_layer: int = 0                 # 0 = the preset's; else overrides it
@@ -135,8 +136,9 @@ def parse_config(argv):
         except (ConfigError, TypeError, ValueError) as e:
             raise TrainError(f'{path}: its config does not fit this train.py ({e})') from None
         cfg = configure(saved, argv)
-    if cfg.init_from not in ('scratch', 'resume') and not cfg.init_from.startswith('llm:'):
-        raise TrainError(f"init_from={cfg.init_from!r}: choose 'scratch', 'resume' or 'llm:<folder or hub id>'")
+    if cfg.init_from not in ('scratch', 'resume') and not cfg.init_from.startswith(('llm:', 'llm_config:')):
+        raise TrainError(f"init_from={cfg.init_from!r}: choose 'scratch', 'resume', 'llm:<folder or hub id>' or "
+                         f"'llm_config:<folder or hub id>'")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_iters < 0 or cfg.eval_interval < 1 or cfg.log_interval < 1:
         raise TrainError('batch_size, grad_accum, eval_interval and log_interval must be >= 1, max_iters >= 0')
     if cfg.fsdp and int(os.environ.get('RANK', -1)) == -1:
@@ -227,6 +229,9 @@ def new_model(cfg, meta, data_dir, llm_source, ckpt):
     if cfg.init_from.startswith('llm:'):
         from llm import start_from_llm
         return start_from_llm(llm_source, meta, data_dir, gpt_overrides(cfg, meta))
+    if cfg.init_from.startswith('llm_config:'):  # the LLM's architecture with fresh weights: the LLM start's control
+        from llm import gpt_from_llm_config
+        return gpt_from_llm_config(llm_source, **gpt_overrides(cfg, meta))
     if llm_source:
         from llm import llm_gpt_config
         return GPT(llm_gpt_config(ckpt['model_config'], **gpt_overrides(cfg, meta)))
@@ -381,7 +386,8 @@ def train(cfg, resume_ckpt=None):
         # data
         data_dir, out_dir, meta, train_split, val_split = load_data(cfg)
         # model (an LLM start is recorded in the checkpoints, so a resumed run rebuilds the LLM's body)
-        llm_source = cfg.init_from[4:] if cfg.init_from.startswith('llm:') else (resume_ckpt or {}).get('llm_source')
+        llm_source = cfg.init_from.split(':', 1)[1] if cfg.init_from.startswith(('llm:', 'llm_config:')) else \
+            (resume_ckpt or {}).get('llm_source')
         gpt_conf, raw_model, iter_num, best_val_loss = build_model(cfg, meta, data_dir, resume_ckpt, llm_source)
         # optimizer, and the model as this run calls it (on its device; FSDP shards or DDP; compiled)
         model, optimizer = place_model(cfg, raw_model, resume_ckpt, device, ddp, use_bf16)

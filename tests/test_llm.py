@@ -150,6 +150,35 @@ def test_image_parts_are_initialised_as_from_scratch(tiny_llm):
     assert all(torch.equal(v, scratch[k]) for k, v in loaded.state_dict().items() if k.startswith(new))
 
 
+def test_llm_config_start_has_the_architecture_and_fresh_weights(tiny_llm):
+    """gpt_from_llm_config (--init_from=llm_config:DIR, the control of an LLM start): the LLM-started GPT's config,
+    and every weight that of a GPT built from scratch with the same seed, none of the LLM's."""
+    from model import GPT
+    torch.manual_seed(0)
+    loaded = from_pretrained_llm(tiny_llm, **gpt_shape(tiny_llm))
+    torch.manual_seed(0)
+    fresh = llm.gpt_from_llm_config(tiny_llm, **gpt_shape(tiny_llm))
+    torch.manual_seed(0)
+    scratch = GPT(loaded.config).state_dict()
+    assert fresh.config == loaded.config
+    assert all(torch.equal(v, scratch[k]) for k, v in fresh.state_dict().items())
+    q = 'blocks.0.attention.wqkv.weight'
+    assert not torch.allclose(fresh.state_dict()[q], loaded.state_dict()[q])
+
+
+def test_train_from_llm_config_resumes_with_the_llm_body(tiny_llm, llm_data, tmp_path):
+    """A run from --init_from=llm_config:DIR has the LLM's body, records the LLM as its source, and resumes."""
+    import train
+    args = [f'--data_dir={llm_data}', f'--out_dir={tmp_path}', '--peak_flops=1e11', '--eval_interval=2',
+            '--eval_samples=0', '--batch_size=4']
+    train.train(train.parse_config([f'--init_from=llm_config:{tiny_llm}', '--max_iters=2', *args])[0])
+    ckpt = torch.load(os.path.join(tmp_path, 'ckpt.pt'), weights_only=True)
+    assert ckpt['llm_source'] == tiny_llm and ckpt['model_config']['ffn_hidden'] == 96
+    cfg, resume = train.parse_config(['--init_from=resume', '--max_iters=3', *args])
+    history = train.train(cfg, resume)
+    assert [h['iter'] for h in history if h['kind'] == 'train'] == [3]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the LLM's tokenizer in the data
 
