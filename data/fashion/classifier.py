@@ -55,7 +55,7 @@ class FashionCNN(nn.Module):
     @staticmethod
     def prepare(images):
         """uint8 (B, H, W, 3) numpy or tensor -> float (B, 1, H, W): the grey image, centred on 0."""
-        x = torch.as_tensor(np.asarray(images)).float().mean(-1, keepdim=True)     # (B, H, W, 1)
+        x = torch.from_numpy(np.array(images)).float().mean(-1, keepdim=True)      # (B, H, W, 1)
         return x.permute(0, 3, 1, 2) / 127.5 - 1.0
 
     def features(self, x):  # (B, 1, 32, 32) -> (B, hidden): the penultimate layer
