@@ -234,7 +234,7 @@ class Teacher:
                 self.path = None
         if self.path and self._sha256 is None:
             self._sha256 = file_sha256(self.path)
-        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
+        return dict(name=self.name, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
 
 
 def save_clip(path, model, name, model_kwargs, pretrained=None, **extra):
