@@ -406,7 +406,8 @@ class ViTTeacher:
         """What a prepare step records in meta.json."""
         if self.path and self._sha256 is None:
             self._sha256 = file_sha256(self.path)
-        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path and os.path.abspath(self.path),
+        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained,
+                    path=self.path and os.path.abspath(self.path),
                     sha256=self._sha256, dim=self.dim, kind='timm-vit', image_size=self.image_size,
                     pooling=self.pooling, source=self.source, normalisation='imagenet')
 

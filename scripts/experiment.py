@@ -644,8 +644,8 @@ def metric_keys(world):
 
 def cell_order(cell_text):
     c = Cell.parse(cell_text)
-    return (c.n_layer, c.teacher != 'none', teachers_of(c.world).index(c.kind), c.teacher.endswith('_shuffled'), c.align_layer,
-            c.align_weight)
+    return (c.n_layer, c.teacher != 'none', teachers_of(c.world).index(c.kind), c.teacher.endswith('_shuffled'),
+            c.align_layer, c.align_weight)
 
 
 def summarise(rows, full_score_steps):

@@ -133,7 +133,8 @@ def load_classifier(path, device='cpu'):
     """The classifier written by train(), in eval mode, frozen."""
     ckpt = load_checkpoint(path, kind='python data/fashion/classifier.py')
     if not isinstance(ckpt, dict) or ckpt.get('kind') != CLASSIFIER_KIND:
-        raise ValueError(f'{path} is not a Fashion-MNIST classifier: train one with `python data/fashion/classifier.py`')
+        raise ValueError(f'{path} is not a Fashion-MNIST classifier: train one with '
+                         f'`python data/fashion/classifier.py`')
     model = FashionCNN(ckpt['config']['width'], ckpt['config']['hidden'])
     model.load_state_dict(ckpt['model'], strict=True)
     model.test_accuracy = ckpt.get('test_accuracy')
