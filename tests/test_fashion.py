@@ -346,3 +346,30 @@ def test_fashion_scorer_reference_and_ceiling(prepared, tmp_path):
     ceiling = ex.tokenizer_ceiling(cfg, 'fashion')
     assert ceiling['n_prompts'] == 20 and 0 <= ceiling['prompt_acc'] <= 1 and ceiling['frechet_evaluator'] > 0
     assert os.path.exists(os.path.join(cfg.out_dir, 'ceiling_fashion.json'))
+
+
+def test_fashion_run_end_to_end(prepared, tmp_path):
+    """One fashion run of the experiment on the tiny prepared data: train.py for 2 steps, 20 samples scored by the
+    fashion scorer, the row recorded with class accuracy and both FDs."""
+    import json
+    from data.fashion import classifier as fc
+    from utils import atomic_torch_save
+    ex = _experiment()
+    root = tmp_path / 'data_root'
+    root.mkdir()
+    os.symlink(prepared['cfg'].out_dir, root / 'fashion_vit')
+    cfg = ex.ExperimentConfig(plan='fashion', out_dir=str(tmp_path / 'out'), data_root=str(root), stages=(2,),
+                              schedule_steps=2, full_score_steps=(2,), fashion_prompts=20,
+                              fashion_vqgan=prepared['cfg'].vqgan, fashion_classifier=str(tmp_path / 'clf.pt'),
+                              train_args='--n_head=2 --n_embd=32 --batch_size=4 --peak_flops=1e11 --eval_rows=20 '
+                                         '--warmup_iters=1')
+    torch.manual_seed(0)
+    atomic_torch_save(dict(kind=fc.CLASSIFIER_KIND, model=fc.FashionCNN(4, 8).state_dict(),
+                           config=dict(width=4, hidden=8), test_accuracy=0.5), cfg.fashion_classifier)
+    os.makedirs(os.path.dirname(ex.fashion_vit_path(cfg)))
+    tiny_vit(112).save(ex.fashion_vit_path(cfg))
+    ex.run_one(cfg, ex.Cell.parse('fashion:vit:1:2:1'), seed=0, steps=2)
+    rows = ex.read_jsonl(os.path.join(cfg.out_dir, 'results.jsonl'))
+    assert len(rows) == 1 and rows[0]['n_prompts'] == 20 and rows[0]['world'] == 'fashion'
+    assert 0 <= rows[0]['prompt_acc'] <= 1 and rows[0]['frechet_evaluator'] > 0 and rows[0]['fd_vit'] > 0
+    json.dumps(rows[0])
