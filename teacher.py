@@ -234,7 +234,7 @@ class Teacher:
                 self.path = None
         if self.path and self._sha256 is None:
             self._sha256 = file_sha256(self.path)
-        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
+        return dict(name=self.name, pretrained=self.pretrained, path=self.path, sha256=self._sha256, dim=self.dim)
 
 
 def save_clip(path, model, name, model_kwargs, pretrained=None, **extra):
@@ -406,7 +406,8 @@ class ViTTeacher:
         """What a prepare step records in meta.json."""
         if self.path and self._sha256 is None:
             self._sha256 = file_sha256(self.path)
-        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained, path=self.path and os.path.abspath(self.path),
+        return dict(name=self.name, arch=self.arch, pretrained=self.pretrained,
+                    path=self.path and os.path.abspath(self.path),
                     sha256=self._sha256, dim=self.dim, kind='timm-vit', image_size=self.image_size,
                     pooling=self.pooling, source=self.source, normalisation='imagenet')
 

