@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import fid
-from data.shapes import world
+from data.shapes import world, worlds
 from data.shapes import evaluate as ev
 from data.shapes import plan_world
 
@@ -32,7 +32,7 @@ def truth(scenes):
 
 def test_parse_caption_inverts_caption():
     for scene in random_scenes(5000, seed=0):
-        parsed = ev.parse_caption(world.caption(scene))
+        parsed = ev.parse_caption(worlds.caption(scene))
         assert parsed == dict(objects=[{k: o[k] for k in ('shape', 'color', 'size', 'cell')}
                                        for o in scene['objects']],
                               bg_color=scene['bg_color'] if scene['name_bg_color'] else None,
@@ -60,11 +60,11 @@ def test_parse_caption_rejects_text_outside_the_grammar(text):
 
 def test_metrics_of_perfect_readings_against_own_captions_are_one():
     scenes = random_scenes(2000, seed=1)
-    m = ev.prompt_metrics(truth(scenes), [world.caption(s) for s in scenes])
+    m = ev.prompt_metrics(truth(scenes), [worlds.caption(s) for s in scenes])
     for k in ev.chance_levels():
         assert m[k] == 1.0, k
     assert m['n_bg_color_named'] == sum(s['name_bg_color'] for s in scenes)
-    c = ev.coherence_metrics(truth(scenes), [world.caption(s) for s in scenes])
+    c = ev.coherence_metrics(truth(scenes), [worlds.caption(s) for s in scenes])
     assert c['coherence_bg_color'] == 1.0 and c['coherence_bg_texture'] == 1.0
     assert c['n_bg_color_open'] == sum(not s['name_bg_color'] for s in scenes)
 
@@ -72,7 +72,7 @@ def test_metrics_of_perfect_readings_against_own_captions_are_one():
 def test_chance_levels_match_shuffled_captions():
     """chance_levels() is derived from the rules; a Monte Carlo estimate with shuffled captions must agree."""
     scenes, others = random_scenes(20000, seed=2), random_scenes(20000, seed=3)
-    m = ev.prompt_metrics(truth(scenes), [world.caption(s) for s in others])
+    m = ev.prompt_metrics(truth(scenes), [worlds.caption(s) for s in others])
     chance = ev.chance_levels()
     for k, p in chance.items():
         n = m['n_images'] if k in ('prompt_acc', 'count_acc', 'position_acc') else \
@@ -289,16 +289,16 @@ def expected_plan_parse(scene):
 
 def test_parse_plan_caption_inverts_the_plan_caption():
     for scene in plan_scenes(3000, seed=0):
-        assert ev.parse_plan_caption(world.caption(scene)) == expected_plan_parse(scene)
+        assert ev.parse_plan_caption(worlds.caption(scene)) == expected_plan_parse(scene)
 
 
 def test_parse_plan_caption_reads_default_captions_alike():
     """The plan grammar contains the default one: a default caption parses to the same objects and background."""
     for scene in random_scenes(500, seed=1):
-        text = world.caption(scene)
+        text = worlds.caption(scene)
         assert ev.parse_plan_caption(text) | {'relations': None} == ev.parse_caption(text) | {'relations': None}
-    assert ev.caption_world([world.caption(s) for s in random_scenes(50, 2)]) == 'default'
-    assert ev.caption_world([world.caption(s) for s in plan_scenes(50, 2)]) == 'plan'
+    assert ev.caption_world([worlds.caption(s) for s in random_scenes(50, 2)]) == 'default'
+    assert ev.caption_world([worlds.caption(s) for s in plan_scenes(50, 2)]) == 'plan'
 
 
 @pytest.mark.parametrize('text', [
@@ -314,7 +314,7 @@ def test_parse_plan_caption_rejects_text_outside_the_grammar(text):
 
 def test_plan_metrics_of_perfect_readings_are_one():
     scenes = plan_scenes(2000, seed=3)
-    m = ev.plan_prompt_metrics(truth(scenes), [world.caption(s) for s in scenes])
+    m = ev.plan_prompt_metrics(truth(scenes), [worlds.caption(s) for s in scenes])
     for k in ('prompt_acc', 'count_acc', 'objects_acc', 'named_cell_acc', 'relation_acc', 'bg_color_acc',
               'bg_texture_acc'):
         assert m[k] == 1.0, k
@@ -344,7 +344,7 @@ def _swap_related(scenes):
 def test_plan_metrics_catch_a_missing_object_and_an_extra_one():
     """Erase one object from each reading: the count and the object set are wrong; add one in a free cell: the same."""
     scenes = plan_scenes(600, seed=4)
-    captions = [world.caption(s) for s in scenes]
+    captions = [worlds.caption(s) for s in scenes]
     missing = truth(scenes)
     for i, s in enumerate(scenes):
         missing['shape'][i, s['objects'][0]['cell']] = 0
@@ -362,7 +362,7 @@ def test_plan_metrics_catch_a_broken_relation_and_a_misplaced_named_object():
     """Swap the two related objects' cells: everything is there but the relation fails; move a named object to a
     free cell: the object set and the count still hold, its named cell does not."""
     scenes, swapped = _swap_related(plan_scenes(2000, seed=5))
-    m = ev.plan_prompt_metrics(truth(swapped), [world.caption(s) for s in scenes])
+    m = ev.plan_prompt_metrics(truth(swapped), [worlds.caption(s) for s in scenes])
     assert m['relation_acc'] == 0.0 and m['prompt_acc'] == 0.0 and m['count_acc'] == 1.0
     named = [s for s in plan_scenes(2000, seed=6) if any(c['kind'] == 'object' and c['name_cell']
                                                          for c in s['clauses'])]
@@ -372,7 +372,7 @@ def test_plan_metrics_catch_a_broken_relation_and_a_misplaced_named_object():
         i = next(c['objects'][0] for c in s['clauses'] if c['kind'] == 'object' and c['name_cell'])
         s['objects'][i]['cell'] = next(c for c in range(9) if c not in {o['cell'] for o in s['objects']})
         moved.append(s)
-    m = ev.plan_prompt_metrics(truth(moved), [world.caption(s) for s in named])
+    m = ev.plan_prompt_metrics(truth(moved), [worlds.caption(s) for s in named])
     assert m['count_acc'] == 1.0 and m['named_cell_acc'] < 0.75 and m['prompt_acc'] == 0.0
 
 
@@ -380,13 +380,13 @@ def test_trained_evaluator_reads_the_plan_world(trained):
     """On real plan images the plan metrics are near 1 (the reader knows cells, not worlds); re-rendered with each
     relation's objects swapped, the relation accuracy collapses while the count stays right."""
     model, _ = trained
-    scenes, images, captions = world.make_split(400, ev.VAL_SEED, world='plan')
-    m = ev.evaluate_samples(images, captions, evaluator=model, real_images=world.make_split(300, 9, world='plan')[1])
+    scenes, images, captions = worlds.make_split(400, ev.VAL_SEED, world='plan')
+    m = ev.evaluate_samples(images, captions, evaluator=model, real_images=worlds.make_split(300, 9, world='plan')[1])
     assert m['prompt_acc'] >= 0.9 and m['count_acc'] >= 0.95 and m['relation_acc'] >= 0.9, m
     assert 'position_acc' not in m and 'objects_acc' in m  # detected as the plan world from the prompts
     related, swapped = _swap_related(scenes)
     bad = np.stack([world.render(s) for s in swapped])
-    m_bad = ev.plan_prompt_metrics(ev.read_images(model, bad), [world.caption(s) for s in related])
+    m_bad = ev.plan_prompt_metrics(ev.read_images(model, bad), [worlds.caption(s) for s in related])
     assert m_bad['relation_acc'] <= 0.1 and m_bad['count_acc'] >= 0.9, m_bad
 
 
@@ -438,7 +438,7 @@ def test_geneval_groups_on_a_hand_built_batch():
 
 def test_geneval_groups_of_perfect_readings_are_one():
     scenes = random_scenes(300, seed=4) + plan_scenes(600, seed=5)
-    m = ev.geneval_metrics(truth(scenes), [world.caption(s) for s in scenes])
+    m = ev.geneval_metrics(truth(scenes), [worlds.caption(s) for s in scenes])
     for g in ev.GENEVAL_GROUPS:
         assert m[f'geneval_{g}'] == 1.0 and m[f'n_geneval_{g}'] > 20, g
     assert m['geneval_overall'] == 1.0

@@ -81,7 +81,8 @@ def cycles(graph):
 def test_no_import_circle_in_the_project():
     graph = import_graph(REPO)
     assert 'data.shapes.canvas' in graph['data.shapes.plan_world']      # the graph sees real imports ...
-    assert 'data.shapes.plan_world' in graph['data.shapes.world']
+    assert 'data.shapes.plan_world' in graph['data.shapes.worlds'] and 'data.shapes.world' in graph['data.shapes.worlds']
+    assert 'data.shapes.plan_world' not in graph['data.shapes.world']  # a world does not import its variant
     assert 'experiment' not in graph and 'scripts.experiment' in graph['scripts.sample_sweep']  # ... script folders
     assert cycles(graph) == []
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data.shapes import world
+from data.shapes import world, worlds
 from data.shapes.prepare import RenderConfig, render_dataset
 from data.common import load_split, load_scenes
 
@@ -93,7 +93,7 @@ def test_prepare_writes_splits_and_preview(tmp_path):
     val_images, val_captions = load_split(str(tmp_path), 'val')
     assert val_images.shape == (16, 32, 32, 3) and len(val_captions) == 16
     scenes = load_scenes(str(tmp_path), 'train')
-    assert [world.caption(s) for s in scenes] == captions
+    assert [worlds.caption(s) for s in scenes] == captions
     assert os.path.getsize(tmp_path / 'preview.png') > 1000
     # the same split from the library, so the files hold exactly what the renderer draws
     _, ref_images, ref_captions = world.make_split(64, seed=7)
@@ -217,21 +217,21 @@ from data.shapes import plan_world  # noqa: E402
 
 def test_plan_world_is_deterministic_and_differs_from_the_default():
     """A split is a pure function of its seed and world; the plan world is another stream of scenes."""
-    s1, im1, c1 = world.make_split(60, seed=3, world='plan')
-    s2, im2, c2 = world.make_split(60, seed=3, world='plan')
+    s1, im1, c1 = worlds.make_split(60, seed=3, world='plan')
+    s2, im2, c2 = worlds.make_split(60, seed=3, world='plan')
     assert s1 == s2 and c1 == c2 and np.array_equal(im1, im2)
     assert c1 != world.make_split(60, seed=3)[2]
     with pytest.raises(ValueError, match='plan'):
-        world.make_split(2, seed=0, world='nope')
+        worlds.make_split(2, seed=0, world='nope')
 
 
 def test_plan_captions_follow_the_scene_clauses():
     """Every clause is rendered from its objects: singles with their cell only when named, counted groups that look
     alike and carry a number word, relations that hold between the two objects' cells; every object is in exactly
     one clause, and the background is named as in the default world."""
-    scenes, images, captions = world.make_split(1500, seed=11, world='plan')
+    scenes, images, captions = worlds.make_split(1500, seed=11, world='plan')
     for scene, cap in zip(scenes, captions):
-        assert cap == world.caption(scene) == plan_world.caption(scene)
+        assert cap == worlds.caption(scene) == plan_world.caption(scene)
         objects = scene['objects']
         assert 1 <= len(objects) <= 3 and len({o['cell'] for o in objects}) == len(objects)
         assert sorted(i for c in scene['clauses'] for i in c['objects']) == list(range(len(objects)))
@@ -257,7 +257,7 @@ def test_plan_captions_follow_the_scene_clauses():
 def test_plan_world_mixes_its_clause_kinds():
     """The rules' rates: objects uniform in 1..3; with >= 2 objects a count a third of the time, otherwise a relation
     half of the time; single objects have their cell named half of the time."""
-    scenes, _, _ = world.make_split(6000, seed=2, world='plan')
+    scenes, _, _ = worlds.make_split(6000, seed=2, world='plan')
     counts = np.bincount([len(s['objects']) for s in scenes], minlength=4)[1:] / len(scenes)
     assert np.all(np.abs(counts - 1 / 3) < 0.03), counts
     multi = [s for s in scenes if len(s['objects']) >= 2]
@@ -282,7 +282,7 @@ def test_plan_relations_are_read_from_the_grid():
 def test_plan_pixels_show_every_object_and_the_background():
     """The renderer is the default world's: each object's centre pixel has its colour, and a free cell's corner is
     the scene's background (base or striped shade)."""
-    scenes, images, _ = world.make_split(300, seed=5, world='plan')
+    scenes, images, _ = worlds.make_split(300, seed=5, world='plan')
     for scene, img in zip(scenes, images):
         for o in scene['objects']:
             x0, y0, x1, y1 = world.cell_box(o['cell'], 32)
@@ -298,7 +298,7 @@ def test_plan_pixels_show_every_object_and_the_background():
 def test_plan_captions_fit_the_text_length():
     """TEXT_LEN holds the longest plan caption in open_clip BPE tokens (the encode step of the plan world uses it)."""
     from data.common import tokenize_captions, TEXT_PAD_ID
-    _, _, captions = world.make_split(3000, seed=8, world='plan')
+    _, _, captions = worlds.make_split(3000, seed=8, world='plan')
     tokens = tokenize_captions(captions, plan_world.TEXT_LEN + 20, warn=False)
     assert 20 < (tokens != TEXT_PAD_ID).sum(1).max() <= plan_world.TEXT_LEN
 
@@ -309,8 +309,8 @@ def test_prepare_renders_the_plan_world_and_records_it(tmp_path):
     render_dataset(RenderConfig(out_dir=str(tmp_path / 'plan'), n_train=40, n_val=8, world='plan'), progress=False)
     images, captions = load_split(str(tmp_path / 'plan'), 'train')
     scenes = load_scenes(str(tmp_path / 'plan'), 'train')
-    assert [world.caption(s) for s in scenes] == captions and all(s['world'] == 'plan' for s in scenes)
-    assert np.array_equal(images, world.make_split(40, 1337, world='plan')[1])
+    assert [worlds.caption(s) for s in scenes] == captions and all(s['world'] == 'plan' for s in scenes)
+    assert np.array_equal(images, worlds.make_split(40, 1337, world='plan')[1])
     assert json.load(open(tmp_path / 'plan' / 'render.json'))['world'] == 'plan'
     render_dataset(RenderConfig(out_dir=str(tmp_path / 'default'), n_train=4, n_val=2), progress=False)
     assert 'world' not in json.load(open(tmp_path / 'default' / 'render.json'))

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from data.shapes import world, teachers
+from data.shapes import world, worlds, teachers
 from data.shapes import evaluate as ev
 from data.shapes.caption_r2 import caption_phrases, caption_features, ridge_fit, r2_score, caption_r2
 
 
 def scenes_of(n, seed, name='default'):
-    return world.make_split(n, seed, world=name)[0]
+    return worlds.make_split(n, seed, world=name)[0]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -136,8 +136,8 @@ def test_scene_oracle_is_more_caption_predictable_in_the_default_world_than_in_t
     from them; plan captions leave cells open, so much less is: the property the plan world is built for."""
     r2 = {}
     for name in ('default', 'plan'):
-        tr, _, tc = world.make_split(4000, 1, world=name)
-        va, _, vc = world.make_split(1000, 2, world=name)
+        tr, _, tc = worlds.make_split(4000, 1, world=name)
+        va, _, vc = worlds.make_split(1000, 2, world=name)
         t = teachers.SceneTeacher()
         r2[name] = caption_r2(tc, t.embed(tr), vc, t.embed(va))['r2']
     assert r2['default'] > 0.8 and r2['plan'] < r2['default'] - 0.15, r2

@@ -104,3 +104,18 @@ def render(scene, image_size=32):
             draw.polygon(shape_polygon(o['shape'], cx, cy, r), fill=color)
     return np.asarray(bg.resize((image_size, image_size), Image.BOX))
 
+
+
+def render_split(sample_scene, caption, n, seed, image_size=32, progress=False):
+    """n scenes drawn by `sample_scene(rng)`, their images (n, H, W, 3) uint8 and `caption(scene)`s, all determined by
+    `seed`: the split of any world, which supplies its own sampler and caption grammar."""
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    it = range(n)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f'render {n} images', unit='img', leave=False)
+    for i in it:
+        images[i] = render(scenes[i], image_size)
+    return scenes, images, [caption(s) for s in scenes]

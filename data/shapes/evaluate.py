@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.shapes import world  # noqa: E402
+from data.shapes import world, worlds  # noqa: E402
 from data.shapes.world import SHAPES, COLORS, SIZES, CELL_NAMES, BG_COLORS, BG_TEXTURES  # noqa: E402
 from data.shapes.plan_world import RELATIONS, NUMBER_WORDS, PLURALS, relation_holds  # noqa: E402
 
@@ -577,7 +577,7 @@ def real_val_images(image_size=32, n=1000, world_name='default'):
     needed."""
     key = (image_size, n, world_name)
     if key not in _REAL_CACHE:
-        _REAL_CACHE[key] = world.make_split(n, VAL_SEED, image_size, world=world_name)[1]
+        _REAL_CACHE[key] = worlds.make_split(n, VAL_SEED, image_size, world=world_name)[1]
     return _REAL_CACHE[key]
 
 
@@ -686,8 +686,8 @@ def main(argv):
         return None
     if cfg.real:  # val images vs their own captions; the Frechet reference is then train-split images (a floor)
         name = cfg.world or 'default'
-        _, images, prompts = world.make_split(cfg.n_real, VAL_SEED, cfg.image_size, world=name)
-        real, title = world.make_split(cfg.n_real, VAL_SEED - 1, cfg.image_size, world=name)[1], 'real val images'
+        _, images, prompts = worlds.make_split(cfg.n_real, VAL_SEED, cfg.image_size, world=name)
+        real, title = worlds.make_split(cfg.n_real, VAL_SEED - 1, cfg.image_size, world=name)[1], 'real val images'
         if cfg.vqgan:
             images, title = reconstruct(images, cfg.vqgan), f'reconstructions of val images by {cfg.vqgan}'
     else:

@@ -11,9 +11,9 @@ rules, for people, are in data/shapes/README.md:
 circles") or a spatial relation between two objects ("a small blue square above a large red circle"), whose cells
 the caption does not name; every other object is named alone, its cell given only half of the time.
 
-Everything is a pure function of a seeded numpy Generator (world.make_split(..., world='plan')).
+Everything is a pure function of a seeded numpy Generator (make_split, or worlds.make_split(..., world='plan')).
 """
-from data.shapes.canvas import CELL_NAMES, background_phrase, draw_objects, draw_background
+from data.shapes.canvas import CELL_NAMES, background_phrase, draw_objects, draw_background, render_split
 
 MAX_OBJECTS = 3
 P_COUNT = 1 / 3           # with >= 2 objects: the first k of them (k uniform in 2..n) become one counted group
@@ -78,3 +78,7 @@ def caption(scene):
             raise ValueError(f"unknown clause kind {c['kind']!r} in a plan scene")
     return ' and '.join(parts) + background_phrase(scene)
 
+
+def make_split(n, seed, image_size=32, progress=False):
+    """n plan-world scenes, their images (n, H, W, 3) uint8 and captions, all determined by `seed`."""
+    return render_split(sample_scene, caption, n, seed, image_size, progress)

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from configurator import configure  # noqa: E402
 from utils import save_image_grid, atomic_write_bytes, pick_device  # noqa: E402
 from data.common import load_split  # noqa: E402
-from data.shapes.world import make_split, WORLDS  # noqa: E402
+from data.shapes.worlds import make_split, WORLDS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
