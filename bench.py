@@ -2,7 +2,7 @@
 Speed figures of the project, each a ratio against a baseline measured in the same run on the same machine
 (absolute numbers drift with the machine and its load; ratios measured side by side do not).
 
-    python bench.py                 # CPU: about two minutes on 2 cores
+    python bench.py                 # CPU: about three minutes on 2 cores
     python bench.py --device=cuda   # adds bf16 figures (and torch.compile with --compile=True)
 
 | figure | measured | baseline |
@@ -11,6 +11,11 @@ Speed figures of the project, each a ratio against a baseline measured in the sa
 | generation with the KV cache (images/s, 256 codes) | prefill + 1-token decode steps | full recompute each step |
 | VQ encoding (images/s) | batched | one image at a time |
 | Frechet distance at 2048-d (s) | symmetric eigen route | scipy.linalg.sqrtm |
+| shapes tokenizer / teacher training (CPU) | today's recipe: steps x s/step | the recipe before docs/speed.md |
+| shapes encode (CPU, ms/img) | codes + teacher embedding, today's batching | batches of 256 under no_grad |
+
+The first row, the fp32 matmul GFLOP/s of utils.measure_peak_flops, is the figure scripts/shapes_pipeline.sh prints
+beside its step times: it places this machine against the ones the README's times were measured on.
 """
 import sys
 import time
