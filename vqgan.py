@@ -130,9 +130,9 @@ class Upsample(nn.Module):
 
 def middle_blocks(ch, cfg):
     """ResNet, attention (or an Identity when cfg.attention is off), ResNet: the middle of encoder and decoder."""
-    attn = AttnBlock(ch, cfg.norm_groups) if cfg.attention else nn.Identity()
-    return nn.ModuleList([ResnetBlock(ch, ch, cfg.dropout, cfg.norm_groups), attn,
-                          ResnetBlock(ch, ch, cfg.dropout, cfg.norm_groups)])
+    g = cfg.norm_groups  # built in this order (the random init draws in it): same seed, same weights as before
+    return nn.ModuleList([ResnetBlock(ch, ch, cfg.dropout, g), AttnBlock(ch, g) if cfg.attention else nn.Identity(),
+                          ResnetBlock(ch, ch, cfg.dropout, g)])
 
 
 class Encoder(nn.Module):
