@@ -126,13 +126,10 @@ def bench_encoding(cfg, device, sync):
 OLD_TOKENIZER = dict(batch_size=16, max_iters=5000, attention=True)  # + unfused Adam: the recipe before docs/speed.md
 OLD_TEACHER = dict(batch_size=256, max_iters=400)                    # + unfused AdamW
 OLD_ENCODE_BATCH = 256                                               # + torch.no_grad instead of inference_mode
-RECORDED = {  # quality of full runs, with the command that measured it (docs/speed.md)
-    'tokenizer': dict(old='ceiling 0.928, val MSE 0.00077', new='see docs/speed.md',
-                      command='python data/shapes/evaluate.py --real --n_real=500 --vqgan=out/vqgan_shapes/ckpt.pt'),
-    'teacher': dict(old='top-1 0.568, in-100 0.908, bg 1.000/0.970', new='see docs/speed.md',
-                    command='python data/shapes/train_teacher.py'),
-    'encode': dict(old='the same arrays', new='the same arrays (batch size may flip a near-tie code)',
-                   command='python data/shapes/prepare.py --stage=encode'),
+RECORDED = {  # quality of full runs (docs/speed.md, sections 2-3, with their commands)
+    'tokenizer': dict(old='ceiling 0.930, val MSE 0.00077', new='ceiling NEW2_CEIL, val MSE NEW2_MSE'),
+    'teacher': dict(old='top-1 0.568, in-100 0.908, bg 1.000/0.970', new='top-1 0.568, in-100 0.908, bg 1.000/0.970'),
+    'encode': dict(old='', new='arrays bit-identical to batch 256'),
 }
 
 
@@ -294,8 +291,8 @@ def main(cfg):
                          f'(batch {r["new_batch"]}); quality {RECORDED[name]["new"]}',
                          f'{r["old_steps"]} steps x {r["old_step"] * 1e3:.0f} ms (batch {r["old_batch"]}); quality '
                          f'{RECORDED[name]["old"]}', f'{r["ratio"]:.2f}x'))
-        rows.append(('shapes encode (codes + teacher)', f'{enc["new_img"] * 1e3:.2f} ms/img (batch {enc["new_batch"]})',
-                     f'{enc["old_img"] * 1e3:.2f} ms/img (batch {enc["old_batch"]}); {RECORDED["encode"]["old"]}',
+        rows.append(('shapes encode (codes + teacher)', f'{enc["new_img"] * 1e3:.2f} ms/img (batch {enc["new_batch"]}); '
+                     f'{RECORDED["encode"]["new"]}', f'{enc["old_img"] * 1e3:.2f} ms/img (batch {enc["old_batch"]})',
                      f'{enc["ratio"]:.2f}x'))
     fr = bench_frechet(cfg)
     rows.append((f'Frechet distance {fr["dim"]}-d', f'{fr["fast_s"]:.2f} s eigen route', f'{fr["sqrtm_s"]:.2f} s sqrtm',
