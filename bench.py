@@ -2,7 +2,7 @@
 Speed figures of the project, each a ratio against a baseline measured in the same run on the same machine
 (absolute numbers drift with the machine and its load; ratios measured side by side do not).
 
-    python bench.py                 # CPU: about two minutes on 2 cores
+    python bench.py                 # CPU: about three minutes on 2 cores
     python bench.py --device=cuda   # adds bf16 figures (and torch.compile with --compile=True)
 
 | figure | measured | baseline |
@@ -11,6 +11,12 @@ Speed figures of the project, each a ratio against a baseline measured in the sa
 | generation with the KV cache (images/s, 256 codes) | prefill + 1-token decode steps | full recompute each step |
 | VQ encoding (images/s) | batched | one image at a time |
 | Frechet distance at 2048-d (s) | symmetric eigen route | scipy.linalg.sqrtm |
+| shapes tokenizer candidates (CPU) | a candidate recipe: steps x s/step, its recorded ceiling | today's recipe |
+| shapes teacher training (CPU) | today's recipe: steps x s/step | the recipe before docs/speed.md |
+| shapes encode (CPU, ms/img) | codes + teacher embedding, today's batching | batches of 256 under no_grad |
+
+The first row, the fp32 matmul GFLOP/s of utils.measure_peak_flops, is the figure scripts/shapes_pipeline.sh prints
+beside its step times: it places this machine against the ones the README's times were measured on.
 """
 import sys
 import time
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from utils import pick_device
+from utils import pick_device, measure_peak_flops
 
 
 @dataclass
@@ -42,15 +48,6 @@ def best_time(fn, repeats, sync):
         sync()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def matmul_peak(device, dtype, sync, repeats, n):
-    """Measured FLOP/s of one large square matmul: the machine's practical peak for this dtype."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    iters = 4 if device == 'cpu' else 50
-    dt = best_time(lambda: [a @ b for _ in range(iters)], repeats, sync)
-    return 2 * n ** 3 * iters / dt
 
 
 def bench_training(cfg, device, sync, peak, autocast_dtype=None):
@@ -122,6 +119,133 @@ def bench_encoding(cfg, device, sync):
     return dict(batched=n / t_batched, single=k / t_single, image_size=size)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The shapes preparation steps: today's recipe against the one it replaced (docs/speed.md). Each figure times steps
+# (or images) of both recipes alternately in this run, then scales them by the recipe's step count: the ratio is
+# the old run's training time over the new one's. The quality columns are recorded full runs (too long for here).
+
+# the tokenizer's recipe is unchanged: its row times the candidates that were tried (their recorded ceilings:
+# a faster candidate is only worth taking at today's ceiling)
+TOKENIZER_CANDIDATES = {  # name: (VQTrainConfig overrides, fused Adam, recorded ceiling / val MSE of its full run)
+    'fused Adam': (dict(), True, 'ceiling 0.904, MSE 0.00083'),
+    'no attention, fused Adam': (dict(attention=False), True, 'ceiling 0.868, MSE 0.00115'),
+    '1000 steps x 64, lr 4e-3': (dict(batch_size=64, max_iters=1000, lr=4e-3, warmup_iters=50, restart_interval=25),
+                                 True, 'ceiling 0.496, MSE 0.00308'),
+}
+OLD_TEACHER = dict(batch_size=256, max_iters=400)                    # + unfused AdamW
+OLD_ENCODE_BATCH = 256                                               # + torch.no_grad instead of inference_mode
+RECORDED = {  # quality of full runs (docs/speed.md, sections 2-3, with their commands)
+    'tokenizer': dict(old='ceiling 0.930, val MSE 0.00077'),
+    'teacher': dict(old='top-1 0.568, in-100 0.908, bg 1.000/0.970', new='top-1 0.568, in-100 0.908, bg 1.000/0.970'),
+    'encode': dict(old='', new='arrays bit-identical to batch 256'),
+}
+
+
+def interleaved(fns, rounds, reps):
+    """{name: best seconds per call} of the callables in fns, timed alternately `rounds` times, `reps` calls each
+    (after one warm-up call each): alternation spreads any outside load over all of them alike."""
+    for fn in fns.values():
+        fn()
+    best = {k: float('inf') for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[k] = min(best[k], (time.perf_counter() - t0) / reps)
+    return best
+
+
+def shapes_images(n, seed=0):
+    from data.shapes.world import make_split
+    return make_split(n, seed, 32, progress=False)[1:]  # (images uint8 (n, 32, 32, 3), captions)
+
+
+def bench_tokenizer_recipe(cfg, images):
+    """Seconds per training step (train_tokenizer.Losses.step) of today's recipe and of each candidate, and the
+    projected ratio of whole runs: today's steps x step time / the candidate's."""
+    from dataclasses import replace
+    from data.shapes.train_tokenizer import VQTrainConfig, Losses
+    from vqgan import VQModel, VQConfig
+    from utils import uint8_to_float
+    today = VQTrainConfig(device='cpu')
+    runs = {'today': (today, False)} | {name: (replace(today, **over), fused)
+                                        for name, (over, fused, _) in TOKENIZER_CANDIDATES.items()}
+    steps, gen, x_all = {}, torch.Generator().manual_seed(0), torch.from_numpy(images[0])
+    for name, (c, fused) in runs.items():
+        torch.manual_seed(0)
+        model = VQModel(VQConfig(image_size=32, codebook_size=c.codebook_size, codebook_embed_dim=c.codebook_embed_dim,
+                                 ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks, z_channels=c.z_channels,
+                                 norm_groups=c.norm_groups, attention=c.attention)).train()
+        losses = Losses(c, model, 'cpu', fused=fused)
+
+        def step(c=c, losses=losses):
+            x = uint8_to_float(x_all[torch.randint(len(x_all), (c.batch_size,), generator=gen)])
+            losses.step(x, 200, c.lr)
+        steps[name] = step
+    t = interleaved(steps, rounds=2 if cfg.quick else 4, reps=2 if cfg.quick else 8)
+    return {name: dict(step=t[name], steps=c.max_iters, batch=c.batch_size,
+                       ratio=t['today'] * today.max_iters / (t[name] * c.max_iters))
+            for name, (c, _) in runs.items()}
+
+
+def bench_teacher_recipe(cfg, images):
+    """Seconds per training step of the shapes CLIP teacher, old recipe vs new, and the projected run ratio."""
+    from dataclasses import replace
+    import open_clip
+    from data.shapes.train_teacher import ClipTrainConfig, clip_model_kwargs, clip_optimizer, clip_step
+    from teacher import build_clip, preprocess_uint8
+    new = ClipTrainConfig()
+    old = replace(new, **OLD_TEACHER)
+    tokenizer = open_clip.get_tokenizer(new.base_model, context_length=new.context_length)
+    steps = {}
+    for name, c in (('old', old), ('new', new)):
+        torch.manual_seed(0)
+        model, _ = build_clip(c.base_model, None, 'cpu', **clip_model_kwargs(c, 32))
+        b = min(c.batch_size, len(images[0]))
+        x = preprocess_uint8(torch.from_numpy(images[0][:b]).permute(0, 3, 1, 2), model.visual.preprocess_cfg)
+        tokens = tokenizer(images[1][:b])
+        opt = clip_optimizer(model.train(), c, fused=name == 'new')
+        loss_fn = open_clip.ClipLoss()
+        steps[name] = lambda model=model, x=x, tokens=tokens, opt=opt, loss_fn=loss_fn: clip_step(
+            model, x, tokens, opt, loss_fn)
+    t = interleaved(steps, rounds=2 if cfg.quick else 4, reps=1 if cfg.quick else 3)
+    return dict(old_step=t['old'], new_step=t['new'], old_steps=old.max_iters, new_steps=new.max_iters,
+                ratio=t['old'] * old.max_iters / (t['new'] * new.max_iters),
+                old_batch=old.batch_size, new_batch=new.batch_size)
+
+
+def bench_encode_recipe(cfg, images):
+    """Seconds per image of the shapes encode (tokenizer codes + teacher embedding), old batching vs new."""
+    from data.shapes.prepare import PrepareConfig
+    from data.shapes.train_tokenizer import VQTrainConfig
+    from data.shapes.train_teacher import ClipTrainConfig, clip_model_kwargs
+    from vqgan import VQModel, VQConfig, encode_images
+    from teacher import Teacher, embed_dataset
+    t, c = VQTrainConfig(), ClipTrainConfig()  # the shapes tokenizer and teacher, random weights (speed only)
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(image_size=32, codebook_size=t.codebook_size, codebook_embed_dim=t.codebook_embed_dim,
+                          ch=t.ch, ch_mult=t.ch_mult, num_res_blocks=t.num_res_blocks, z_channels=t.z_channels,
+                          norm_groups=t.norm_groups, attention=t.attention)).eval()
+    teacher = Teacher(c.base_model, **clip_model_kwargs(c, 32))
+    imgs = images[0]
+    new_batch = PrepareConfig().batch_size
+
+    def old():  # the encode before: batches of 256 under no_grad
+        with torch.no_grad():
+            for i in range(0, len(imgs), OLD_ENCODE_BATCH):
+                x = torch.from_numpy(imgs[i:i + OLD_ENCODE_BATCH])
+                vq.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+                teacher.embed(x.permute(0, 3, 1, 2), batch_size=OLD_ENCODE_BATCH)
+
+    def new():
+        encode_images(vq, imgs, new_batch, progress=False)
+        embed_dataset(teacher, imgs, new_batch, progress=False)
+    tm = interleaved(dict(old=old, new=new), rounds=2 if cfg.quick else 4, reps=1)
+    return dict(old_img=tm['old'] / len(imgs), new_img=tm['new'] / len(imgs), ratio=tm['old'] / tm['new'],
+                old_batch=OLD_ENCODE_BATCH, new_batch=new_batch)
+
+
 def bench_frechet(cfg):
     from fid import frechet_distance, frechet_distance_sqrtm
     d = 256 if cfg.quick else 2048
@@ -147,14 +271,16 @@ def main(cfg):
     if device.startswith('cuda'):
         print(f'GPU: {torch.cuda.get_device_name()}')
     rows = []
-    n = 1024 if cfg.quick else (2048 if device == 'cpu' else 8192)
-    peak32 = matmul_peak(device, torch.float32, sync, cfg.repeats, n)
-    rows.append(('matmul peak fp32', f'{peak32 / 1e9:.1f} GFLOP/s', f'{n}x{n} @ {n}x{n}', ''))
+    # utils.measure_peak_flops: the figure train.py's MFU and scripts/shapes_pipeline.sh's summary print too
+    n = 8192 if device.startswith('cuda') else 1024
+    peak32 = measure_peak_flops(device, torch.float32)
+    rows.append(('matmul peak fp32', f'{peak32 / 1e9:.1f} GFLOP/s', f'best {n}x{n} matmul, '
+                 f'{torch.get_num_threads()} threads (utils.measure_peak_flops)', ''))
     tr = bench_training(cfg, device, sync, peak32)
     rows.append(('GPT train fp32', f'{tr["tokens_per_s"]:.0f} tok/s, {tr["step_ms"]:.0f} ms/step',
                  f'{tr["shape"]}, {tr["params"] / 1e6:.1f}M params', f'MFU {tr["mfu"]:.2f} of fp32 peak'))
     if device.startswith('cuda'):
-        peak16 = matmul_peak(device, torch.bfloat16, sync, cfg.repeats, n)
+        peak16 = measure_peak_flops(device, torch.bfloat16)
         rows.append(('matmul peak bf16', f'{peak16 / 1e12:.1f} TFLOP/s', f'{n}x{n}', ''))
         trb = bench_training(cfg, device, sync, peak16, autocast_dtype=torch.bfloat16)
         rows.append(('GPT train bf16', f'{trb["tokens_per_s"]:.0f} tok/s, {trb["step_ms"]:.0f} ms/step',
@@ -165,6 +291,23 @@ def main(cfg):
     en = bench_encoding(cfg, device, sync)
     rows.append((f'VQ encode {en["image_size"]}px', f'{en["batched"]:.0f} img/s batched',
                  f'{en["single"]:.0f} img/s one by one', f'{en["batched"] / en["single"]:.1f}x'))
+    if device == 'cpu':  # the shapes preparation steps, at this process's thread count
+        images = shapes_images(64 if cfg.quick else 1024)
+        tok, tea, enc = bench_tokenizer_recipe(cfg, images), bench_teacher_recipe(cfg, images), \
+            bench_encode_recipe(cfg, images)
+        base = tok['today']
+        for name, (_, _, quality) in TOKENIZER_CANDIDATES.items():
+            r = tok[name]
+            rows.append((f'shapes tokenizer: {name} (not adopted)', f'{r["steps"]} steps x {r["step"] * 1e3:.0f} ms '
+                         f'(batch {r["batch"]}); {quality}', f'today: {base["steps"]} steps x {base["step"] * 1e3:.0f} '
+                         f'ms (batch {base["batch"]}); {RECORDED["tokenizer"]["old"]}', f'{r["ratio"]:.2f}x'))
+        rows.append(('shapes teacher training', f'{tea["new_steps"]} steps x {tea["new_step"] * 1e3:.0f} ms '
+                     f'(batch {tea["new_batch"]}, fused AdamW); {RECORDED["teacher"]["new"]}',
+                     f'{tea["old_steps"]} steps x {tea["old_step"] * 1e3:.0f} ms (unfused); {RECORDED["teacher"]["old"]}',
+                     f'{tea["ratio"]:.2f}x'))
+        rows.append(('shapes encode (codes + teacher)', f'{enc["new_img"] * 1e3:.2f} ms/img (batch {enc["new_batch"]}); '
+                     f'{RECORDED["encode"]["new"]}', f'{enc["old_img"] * 1e3:.2f} ms/img (batch {enc["old_batch"]})',
+                     f'{enc["ratio"]:.2f}x'))
     fr = bench_frechet(cfg)
     rows.append((f'Frechet distance {fr["dim"]}-d', f'{fr["fast_s"]:.2f} s eigen route', f'{fr["sqrtm_s"]:.2f} s sqrtm',
                  f'{fr["sqrtm_s"] / fr["fast_s"]:.1f}x (rel. diff {fr["rel_diff"]:.1e})'))

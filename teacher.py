@@ -253,9 +253,10 @@ def embed_dataset(teacher, images, batch_size=256, progress=True):
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f'embed_dataset takes uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}')
     out = np.empty((len(images), teacher.dim), dtype=np.float16)
-    for i in tqdm(range(0, len(images), batch_size), desc=f'teacher {teacher.name}', disable=not progress):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)  # (b, 3, H, W)
-        out[i:i + len(x)] = teacher.embed(x, batch_size=batch_size).cpu().numpy()
+    with torch.inference_mode():  # the embeddings only go to numpy
+        for i in tqdm(range(0, len(images), batch_size), desc=f'teacher {teacher.name}', disable=not progress):
+            x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)  # (b, 3, H, W)
+            out[i:i + len(x)] = teacher.embed(x, batch_size=batch_size).cpu().numpy()
     return out
 
 

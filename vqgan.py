@@ -46,6 +46,9 @@ class VQConfig:
     z_channels: int = 256                        # encoder output / decoder input width, before the 1x1 quant convs
     dropout: float = 0.0                         # dropout inside the ResNet blocks
     norm_groups: int = 32                        # GroupNorm groups (LlamaGen: 32); every width must be divisible
+    attention: bool = True                       # the self-attention blocks at the lowest resolution and in the
+    #   middle (LlamaGen: on). Off, the middle keeps its two ResNet blocks (an Identity between them, so parameter
+    #   names stay LlamaGen's); a small tokenizer of 32 px images trains ~20% faster per step on a CPU without them
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)  # a checkpoint's plain dict may hold a list
@@ -125,6 +128,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
 
 
+def middle_blocks(ch, cfg):
+    """ResNet, attention (or an Identity when cfg.attention is off), ResNet: the middle of encoder and decoder."""
+    g = cfg.norm_groups  # built in this order (the random init draws in it): same seed, same weights as before
+    return nn.ModuleList([ResnetBlock(ch, ch, cfg.dropout, g), AttnBlock(ch, g) if cfg.attention else nn.Identity(),
+                          ResnetBlock(ch, ch, cfg.dropout, g)])
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -138,13 +148,12 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 block.res.append(ResnetBlock(c_in, c_out, cfg.dropout, g))
                 c_in = c_out
-                if i == levels - 1:  # attention only at the lowest resolution, after every ResNet block
+                if i == levels - 1 and cfg.attention:  # attention only at the lowest resolution, after each block
                     block.attn.append(AttnBlock(c_in, g))
             if i != levels - 1:
                 block.downsample = Downsample(c_in)
             self.conv_blocks.append(block)
-        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in, cfg.dropout, g), AttnBlock(c_in, g),
-                                  ResnetBlock(c_in, c_in, cfg.dropout, g)])
+        self.mid = middle_blocks(c_in, cfg)
         self.norm_out = nn.GroupNorm(g, c_in, eps=1e-6)
         self.conv_out = nn.Conv2d(c_in, cfg.z_channels, 3, padding=1)
 
@@ -168,8 +177,7 @@ class Decoder(nn.Module):
         levels, g = len(cfg.ch_mult), cfg.norm_groups
         c_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in, cfg.dropout, g), AttnBlock(c_in, g),
-                                  ResnetBlock(c_in, c_in, cfg.dropout, g)])
+        self.mid = middle_blocks(c_in, cfg)
         self.conv_blocks = nn.ModuleList()  # lowest resolution first
         for i in reversed(range(levels)):
             block, c_out = nn.Module(), cfg.ch * cfg.ch_mult[i]
@@ -177,7 +185,7 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 block.res.append(ResnetBlock(c_in, c_out, cfg.dropout, g))
                 c_in = c_out
-                if i == levels - 1:
+                if i == levels - 1 and cfg.attention:
                     block.attn.append(AttnBlock(c_in, g))
             if i != 0:
                 block.upsample = Upsample(c_in)
@@ -401,7 +409,8 @@ def vqgan_identity(path, image_size=None):
 
 def encode_images(model, images_uint8, batch_size=256, device='cpu', progress=True):
     """uint8 (N, H, W, 3) array (numpy or memmap) -> uint16 codes (N, h*w), batch by batch. Moves model to device.
-    Runs in fp32: lower precision could flip near-tie codes and make the codes depend on the hardware."""
+    Runs in fp32: lower precision could flip near-tie codes and make the codes depend on the hardware. On a CPU,
+    small batches are faster per image (32 x 32 images: batch 32 ~2x batch 256), as the activations stay in cache."""
     import numpy as np
     from tqdm import tqdm
     images = images_uint8
@@ -411,8 +420,9 @@ def encode_images(model, images_uint8, batch_size=256, device='cpu', progress=Tr
         raise ValueError(f'{model.codebook_size} codes do not fit in uint16')
     model.to(device)
     out = np.empty((len(images), model.grid[0] * model.grid[1]), dtype=np.uint16)
-    for start in tqdm(range(0, len(images), batch_size), desc='encode', unit='batch', disable=not progress):
-        x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # (b, H, W, 3) uint8, copied
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                             # (b, 3, H, W) in [-1, 1]
-        out[start:start + len(x)] = model.encode(x).cpu().numpy().astype(np.uint16)
+    with torch.inference_mode():  # no autograd bookkeeping at all: the codes only go to numpy
+        for start in tqdm(range(0, len(images), batch_size), desc='encode', unit='batch', disable=not progress):
+            x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # (b, H, W, 3) uint8
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                             # (b, 3, H, W) in [-1, 1]
+            out[start:start + len(x)] = model.encode(x).cpu().numpy().astype(np.uint16)
     return out

@@ -122,6 +122,28 @@ def test_save_load_roundtrip(tmp_path):
     assert load_vqgan(path, image_size=32).grid == (16, 16)  # another resolution, same weights
 
 
+def test_attention_off_drops_only_the_attention_blocks(tmp_path):
+    """attention=False: the state dict is the full model's minus every attention block's tensors (same names and
+    shapes otherwise), the forward keeps its shapes, the flag survives a checkpoint, and a checkpoint config written
+    before the flag existed loads with attention on."""
+    full, slim = tiny_model().state_dict(), tiny_model(attention=False).state_dict()
+    attn = {k for k in full if '.attn.' in k or k.split('.')[1:3] == ['mid', '1']}
+    assert attn and set(slim) == set(full) - attn
+    assert all(slim[k].shape == full[k].shape for k in slim)
+    model = tiny_model(attention=False).eval()
+    recon, _, codes = model(images())
+    assert recon.shape == (3, 3, 16, 16) and codes.shape == (3, 64)
+    path = str(tmp_path / 'slim.pt')
+    save_vqgan(model, path)
+    loaded = load_vqgan(path)
+    assert loaded.config.attention is False and torch.equal(loaded.encode(images()), model.encode(images()))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt['config'].pop('attention')
+    ckpt['model'] = full
+    torch.save(ckpt, path)
+    assert load_vqgan(path).config.attention is True
+
+
 def test_llamagen_format_loads_by_keys(tmp_path):
     """A LlamaGen-style file (only 'model', plus its pickled argparse args) loads strictly and encodes the same."""
     model = tiny_model().eval()

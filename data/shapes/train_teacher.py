@@ -118,7 +118,7 @@ def background_probe(teacher, data_dir, n_train=4000):
         return None
     result = {}
     splits = {s: (load_split(data_dir, s)[0], load_scenes(data_dir, s)) for s in ('train', 'val')}
-    emb = {s: embed_dataset(teacher, imgs[:n_train], progress=False).astype(np.float32)
+    emb = {s: embed_dataset(teacher, imgs[:n_train], batch_size=32, progress=False).astype(np.float32)
            for s, (imgs, _) in splits.items()}
     for prop in ('bg_color', 'bg_texture'):
         labels = {s: np.array([sc[prop] for sc in scenes[:n_train]]) for s, (_, scenes) in splits.items()}
@@ -129,13 +129,30 @@ def background_probe(teacher, data_dir, n_train=4000):
     return result
 
 
+def clip_optimizer(model, cfg, fused=True):
+    """AdamW with weight decay on matrices only; fused: one kernel over all parameters (CPU and CUDA)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]   # gains, biases, logit scale
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
+                              {'params': no_decay, 'weight_decay': 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=fused)
+
+
+def clip_step(model, images, tokens, opt, loss_fn=None):
+    """One optimizer step of the contrastive loss on a batch; returns the loss (a 0-d tensor)."""
+    loss = clip_loss(model, images, tokens, loss_fn)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():  # open_clip's guard: a temperature above 100 makes the loss unstable
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss
+
+
 def train_clip(model, images, tokens, cfg, progress=True, log=print, val_metrics=None):
     """AdamW + warmup/cosine on (preprocessed images (N, 3, S, S), tokens (N, L)); returns the per-step losses.
     val_metrics: optional callable -> dict of val metrics, logged every cfg.eval_interval steps."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]   # gains, biases, logit scale
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
-                             {'params': no_decay, 'weight_decay': 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = clip_optimizer(model, cfg)
     loss_fn = open_clip.ClipLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
     n, order, pos, losses = len(images), torch.randperm(len(images), generator=gen), 0, []
@@ -148,12 +165,7 @@ def train_clip(model, images, tokens, cfg, progress=True, log=print, val_metrics
         pos += cfg.batch_size
         for g in opt.param_groups:
             g['lr'] = lr_schedule(it, cfg.warmup_iters, cfg.max_iters, cfg.lr, cfg.lr / 10)
-        loss = clip_loss(model, images[idx], tokens[idx], loss_fn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # open_clip's guard: a temperature above 100 makes the loss unstable
-            model.logit_scale.clamp_(0, math.log(100))
+        loss = clip_step(model, images[idx], tokens[idx], opt, loss_fn)
         losses.append(loss.item())
         bar.set_postfix(loss=f'{loss.item():.3f}', scale=f'{model.logit_scale.exp().item():.1f}')
         if log and cfg.eval_interval and (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
