@@ -1,16 +1,19 @@
 """
 What a training run of train.py prints and writes beside its checkpoint: the summary printed at the start
 (describe_run), and RunLog: config.json, log.jsonl (one JSON line per train / eval entry), and the train losses
-since the last log line with their time per step, tokens/s and MFU.
+since the last log line with their time per step, tokens/s and MFU; the Evaluator: val losses and sample grids.
 """
 import os
 import json
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from sample import TrainingGrid
 
 
 def describe_run(cfg, data_dir, meta, splits, model, world, device, use_bf16, peak_flops):
@@ -88,3 +91,53 @@ class RunLog:
                        f'{e["dt_ms"]:.0f} ms/step, {e["tokens_per_s"]:,.0f} tokens/s, MFU {100 * e["mfu"]:.1f}%')
         self.window.zero_()
         self.restart_clock()
+
+
+def logged_alignment(out):
+    """The 'align' of the logs: the global loss, the patch loss, or (align_target='both') their unweighted sum."""
+    return sum((x for x in (out.align_loss, out.patch_loss) if x is not None), out.loss.new_zeros(()))
+
+
+class Evaluator:
+    """At every eval: val CE and alignment loss over the first eval_rows val rows (always the same ones, so numbers
+    compare across runs), split over the ranks and all-reduced; on rank 0 also a PNG grid of eval_samples samples
+    for each of the first eval_prompts val captions, decoded with the tokenizer named in meta.json."""
+
+    def __init__(self, cfg, batches, meta, data_dir, ctx, rank, world, runlog):
+        self.cfg, self.batches, self.ctx, self.rank, self.world, self.runlog = cfg, batches, ctx, rank, world, runlog
+        self.n_rows, self.grid = min(cfg.eval_rows, len(batches.split)), None
+        if cfg.fsdp and cfg.eval_samples > 0:  # sampling runs on rank 0 alone, which FSDP's shards cannot
+            runlog.print('note: no sample grids in training under --fsdp=True; draw them from the checkpoint with '
+                         'sample.py')
+        elif rank == 0 and cfg.eval_samples > 0:
+            self.grid = TrainingGrid(meta, data_dir, batches.split, cfg.eval_prompts, cfg.eval_samples, cfg.seed, ctx)
+            if self.grid.vq is None:
+                runlog.print(f'note: the tokenizer {meta["vqgan"].get("path")} named in meta.json is not here; no '
+                             f'sample grids in training')
+
+    def run(self, model, raw_model, it, out_dir):
+        """Evaluate, log, draw the grid; returns the val CE."""
+        t0 = time.time()
+        val = self.losses(model)
+        self.runlog.record(dict(kind='eval', iter=it, **val, val_rows=self.n_rows),
+                           f'iter {it}: val CE {val["val_ce"]:.4f}, val align {val["val_align"]:.4f} '
+                           f'({self.n_rows} rows, {time.time() - t0:.1f}s)')
+        if self.grid is not None and self.grid.vq is not None:
+            self.runlog.print(f'samples: {self.grid.draw(raw_model, os.path.join(out_dir, f"samples_{it:06d}.png"))}')
+        return val['val_ce']
+
+    @torch.no_grad()
+    def losses(self, model):
+        model = getattr(model, 'module', model)  # DDP's own model: no gradient hooks are needed under no_grad
+        model.eval()
+        sums = torch.zeros(3, device=self.batches.device, dtype=torch.float64)  # ce * rows, align * rows, rows
+        bs = self.cfg.batch_size
+        for start in range(self.rank * bs, self.n_rows, self.world * bs):  # rank r: chunks r, r + world, ...
+            rows = np.arange(start, min(start + bs, self.n_rows))
+            with self.ctx:
+                out = model(*self.batches.get(rows))
+            sums += torch.stack([out.loss.double(), logged_alignment(out).double(), sums.new_ones(())]) * len(rows)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        model.train()
+        return dict(val_ce=(sums[0] / sums[2]).item(), val_align=(sums[1] / sums[2]).item())
