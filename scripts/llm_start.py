@@ -157,6 +157,22 @@ def run_all(cfg):
         durations.append(row['train_s'] + row['score_s'])
 
 
+def reference_ces(cfg):
+    """What a model that ignores the caption and the image so far scores on the same eval rows: the uniform code
+    distribution, the train split's code frequencies, and those frequencies per position (add-one smoothed)."""
+    import numpy as np
+    from data.common import PreparedSplit, read_meta
+    meta = read_meta(cfg.data_dir)
+    k = meta['codebook_size']
+    train = np.asarray(PreparedSplit(cfg.data_dir, 'train', meta).codes, dtype=np.int64)           # (N, T)
+    val = np.asarray(PreparedSplit(cfg.data_dir, 'val', meta).codes[:cfg.eval_rows], dtype=np.int64)  # (n, T)
+    marginal = (np.bincount(train.ravel(), minlength=k) + 1) / (train.size + k)                    # (K,)
+    per_position = np.stack([(np.bincount(train[:, t], minlength=k) + 1) / (len(train) + k)
+                             for t in range(train.shape[1])])                                      # (T, K)
+    return dict(uniform=float(np.log(k)), code_frequencies=float(-np.log(marginal[val]).mean()),
+                code_frequencies_per_position=float(-np.log(per_position[np.arange(val.shape[1]), val]).mean()))
+
+
 def mean(xs):
     return sum(xs) / len(xs)
 
@@ -170,16 +186,18 @@ def report(cfg):
     arms = [a for a in ARMS if any(r['arm'] == a for r in rows)]
     iters = sorted({int(i) for r in rows for i in r['curve']})
     lines = [f'| arm | seeds | ' + ' | '.join(f'val CE @{i}' for i in iters) +
-             ' | val align @end | prompt acc. | s/step | train s | score s |',
-             '|---|---|' + '---|' * len(iters) + '---|---|---|---|---|']
+             ' | val align @end | prompt acc. | count acc. | Frechet (eval.) | s/step | train s | score s |',
+             '|---|---|' + '---|' * len(iters) + '---|---|---|---|---|---|---|']
     for arm in arms:
         rs = sorted((r for r in rows if r['arm'] == arm), key=lambda r: r['seed'])
         ces = [' / '.join(f'{r["curve"][str(i)]["val_ce"]:.3f}' if str(i) in r['curve'] else '-' for r in rs)
                for i in iters]
         align = ' / '.join(f'{r["val_align"]:.3f}' if r['val_align'] is not None else '-' for r in rs)
         acc = ' / '.join(f'{r["prompt_acc"]:.2f}' for r in rs)
+        count = ' / '.join(f'{r["count_acc"]:.2f}' for r in rs)
+        frechet = ' / '.join(f'{r["frechet_evaluator"]:.0f}' for r in rs)
         lines.append(f'| {arm} | {", ".join(str(r["seed"]) for r in rs)} | ' + ' | '.join(ces) +
-                     f' | {align} | {acc} | {mean([r["step_ms_median"] for r in rs]) / 1000:.1f} | '
+                     f' | {align} | {acc} | {count} | {frechet} | {mean([r["step_ms_median"] for r in rs]) / 1000:.1f} | '
                      f'{mean([r["train_s"] for r in rs]):.0f} | {mean([r["score_s"] for r in rs]):.0f} |')
     lines += ['', '| pair (same seed) | seeds | ' + ' | '.join(f'd val CE @{i}' for i in iters) + ' | d prompt acc. |',
               '|---|---|' + '---|' * len(iters) + '---|']
@@ -193,6 +211,9 @@ def report(cfg):
                             for s in seeds) for i in iters]
         dacc = ' / '.join(f'{by[a, s]["prompt_acc"] - by[b, s]["prompt_acc"]:+.2f}' for s in seeds)
         lines.append(f'| {a} - {b} | {", ".join(map(str, seeds))} | ' + ' | '.join(diffs) + f' | {dacc} |')
+    refs = reference_ces(cfg)
+    lines += ['', f'Reference val CE on the same {cfg.eval_rows} rows, no model: ' +
+              ', '.join(f'{k.replace("_", " ")} {v:.3f}' for k, v in refs.items())]
     text = '\n'.join(lines)
     with open(os.path.join(cfg.out_dir, 'report.md'), 'w') as f:
         f.write(text + '\n')

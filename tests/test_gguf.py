@@ -192,7 +192,6 @@ PROMPTS = ['The capital of France is Paris, and the capital of Italy is',
            'Photosynthesis is the process by which plants turn sunlight, water and carbon dioxide into']
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(LLM_DIR, 'config.json')),
                     reason=f'no converted LLM at {LLM_DIR} (set ARRA_LLM_DIR; docs/llm-start.md converts one)')
 def test_real_llm_matches_transformers():
