@@ -295,7 +295,7 @@ class RepaProjector(nn.Module):
         return self.fc3(F.silu(self.fc2(F.silu(self.fc1(h)))))  # (B, P, d) -> (B, P, D)
 
 
-def patch_projector(config):
+def make_patch_projector(config):
     """The patch head of a config: Projector (hidden patch_dim by default) or RepaProjector (hidden 2048)."""
     if config.patch_projector == 'repa':
         return RepaProjector(config.n_embd, config.patch_projector_hidden or 2048, config.patch_dim)
@@ -431,7 +431,7 @@ class GPT(nn.Module):
         if config.teacher_dim > 0 and config.align_target != 'patch':
             self.projector = Projector(d, config.projector_hidden or config.teacher_dim, config.teacher_dim)
         if config.patch_dim > 0 and config.align_target != 'global':
-            self.patch_projector = patch_projector(config)
+            self.patch_projector = make_patch_projector(config)
         # image positions: a learned vector per grid row and per grid column, added to the BOI and code inputs
         if config.image_pos == 'rowcol':
             self.image_row = nn.Parameter(torch.zeros(config.image_tokens // config.image_width, d))  # (h, d)
