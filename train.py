@@ -248,7 +248,7 @@ def build_model(cfg, meta, data_dir, ckpt, llm_source):
     gpt_conf = model.config
     for head, weight in ((model.projector, cfg.align_weight), (model.patch_projector, cfg.patch_weight)):
         if head is not None and weight == 0:
-            head.requires_grad_(False)  # its loss is off (the baseline): the head takes no part, stays as it is
+            head.requires_grad_(False)  # ARRA off (the baseline), or its patch loss off: the head stays as it is
     if ckpt is None:
         return gpt_conf, model, 0, float('inf')
     if ckpt['data_meta'] != meta:
