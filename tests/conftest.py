@@ -37,6 +37,20 @@ def tiny_vqgan(path, seed=0):
     return path
 
 
+# untrained 32 px stand-ins for the shapes encode tests: a CLIP tower with a 4x4 patch grid, and a tokenizer
+TINY_SHAPES_TEACHER = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, layers=1, width=32, head_width=16),
+                           text_cfg=dict(context_length=16, width=32, heads=2, layers=1))
+
+
+def tiny_shapes_vqgan(path):
+    """Save an untrained 32 px tokenizer (8x8 codes of 64), seeded, in this project's checkpoint format."""
+    from vqgan import VQConfig, VQModel, save_vqgan
+    torch.manual_seed(0)
+    save_vqgan(VQModel(VQConfig(image_size=32, codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 1, 2),
+                                num_res_blocks=1, z_channels=16, norm_groups=8)), path)
+    return path
+
+
 def make_tiny_dataset(data_dir, vqgan_path, text_tokenizer=None):
     """Write {train,val}_{codes,text,teacher}.bin, captions and meta.json for the 12-caption world, the captions in
     text_tokenizer (a data.common.TextTokenizer; default open_clip's BPE)."""

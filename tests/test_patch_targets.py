@@ -16,9 +16,9 @@ from data.encode import resample_patch_grid, write_patch_targets, patch_meta
 from data.shapes import teachers
 from data.shapes.world import render
 from utils import file_sha256
+from conftest import TINY_SHAPES_TEACHER, tiny_shapes_vqgan
 
-TINY_TEACHER = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, layers=1, width=32, head_width=16),
-                    text_cfg=dict(context_length=16, width=32, heads=2, layers=1))  # a 4x4 patch grid at 32 px
+TINY_TEACHER = TINY_SHAPES_TEACHER  # a 4x4 patch grid at 32 px (conftest.py)
 PATCH_DIM = 6
 
 
@@ -73,14 +73,11 @@ def shapes_dir(tmp_path_factory):
     """12 + 6 rendered scenes encoded with a tiny random tokenizer (8x8 codes) and CLIP (4x4 patches), without patch
     targets: (PrepareConfig, folder)."""
     from teacher import Teacher
-    from vqgan import VQConfig, VQModel, save_vqgan
     from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset
     root = tmp_path_factory.mktemp('patch_encode')
     d = str(root / 'shapes')
     render_dataset(RenderConfig(out_dir=d, n_train=12, n_val=6), progress=False)
-    torch.manual_seed(0)
-    save_vqgan(VQModel(VQConfig(image_size=32, codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 1, 2),
-                                num_res_blocks=1, z_channels=16, norm_groups=8)), str(root / 'vq.pt'))
+    tiny_shapes_vqgan(str(root / 'vq.pt'))
     Teacher('ViT-S-32', **TINY_TEACHER).save(str(root / 'teacher.pt'))
     cfg = PrepareConfig(out_dir=d, n_train=12, n_val=6, vqgan=str(root / 'vq.pt'), teacher=str(root / 'teacher.pt'),
                         device='cpu', batch_size=5)
@@ -135,14 +132,11 @@ def test_encode_adds_the_patch_memmaps_with_their_meta(shapes_dir, capsys):
 
 
 def test_encode_with_the_scene_teacher_writes_the_patch_oracle(tmp_path):
-    from vqgan import VQConfig, VQModel, save_vqgan
     from data.common import load_scenes
     from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset
     d = str(tmp_path / 'plan')
     render_dataset(RenderConfig(out_dir=d, n_train=10, n_val=5, world='plan'), progress=False)
-    torch.manual_seed(0)
-    save_vqgan(VQModel(VQConfig(image_size=32, codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 1, 2),
-                                num_res_blocks=1, z_channels=16, norm_groups=8)), str(tmp_path / 'vq.pt'))
+    tiny_shapes_vqgan(str(tmp_path / 'vq.pt'))
     meta = encode_dataset(PrepareConfig(out_dir=d, n_train=10, n_val=5, world='plan', vqgan=str(tmp_path / 'vq.pt'),
                                         teacher_kind='scene', text_len=36, device='cpu', patch_targets=True),
                           progress=False)

@@ -8,6 +8,7 @@ import pytest
 from data.shapes import world, worlds
 from data.shapes.prepare import RenderConfig, render_dataset
 from data.common import load_split, load_scenes
+from conftest import TINY_SHAPES_TEACHER, tiny_shapes_vqgan
 
 
 def test_rendering_is_deterministic_for_a_seed():
@@ -114,8 +115,7 @@ def test_too_small_image_size_is_rejected(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # the encode stage: rendered pairs -> the prepared arrays train.py reads
 
-TINY_TEACHER = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, layers=1, width=32, head_width=16),
-                    text_cfg=dict(context_length=16, width=32, heads=2, layers=1))
+TINY_TEACHER = TINY_SHAPES_TEACHER  # a 4x4 patch grid at 32 px (conftest.py)
 
 
 @pytest.fixture(scope='module')
@@ -124,13 +124,10 @@ def encoded(tmp_path_factory):
     import torch
     from data.shapes.prepare import PrepareConfig, encode_dataset
     from teacher import Teacher
-    from vqgan import VQConfig, VQModel, save_vqgan
     root = tmp_path_factory.mktemp('encode')
     d = str(root / 'shapes')
     render_dataset(RenderConfig(out_dir=d, n_train=12, n_val=6), progress=False)
-    torch.manual_seed(0)
-    save_vqgan(VQModel(VQConfig(image_size=32, codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 1, 2),
-                                num_res_blocks=1, z_channels=16, norm_groups=8)), str(root / 'vq.pt'))
+    tiny_shapes_vqgan(str(root / 'vq.pt'))
     Teacher('ViT-S-32', **TINY_TEACHER).save(str(root / 'teacher.pt'))
     cfg = PrepareConfig(out_dir=d, n_train=12, n_val=6, vqgan=str(root / 'vq.pt'), teacher=str(root / 'teacher.pt'),
                         device='cpu', batch_size=5)

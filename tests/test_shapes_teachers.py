@@ -7,6 +7,7 @@ import torch
 from data.shapes import world, worlds, teachers
 from data.shapes import evaluate as ev
 from data.shapes.caption_r2 import caption_phrases, caption_features, ridge_fit, r2_score, caption_r2
+from conftest import tiny_shapes_vqgan
 
 
 def scenes_of(n, seed, name='default'):
@@ -65,14 +66,11 @@ def test_teacher_checkpoint_resolution():
 def test_encode_with_the_scene_teacher_writes_the_oracle_and_its_r2(tmp_path):
     """--teacher_kind=scene needs no checkpoint: {split}_teacher.bin holds SceneTeacher().embed of the scene records
     (float16), and meta.json records the kind, the oracle's identity and the caption R^2 computed on those arrays."""
-    from vqgan import VQConfig, VQModel, save_vqgan
     from data.common import PreparedSplit, load_scenes, load_split
     from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset
     d = str(tmp_path / 'plan')
     render_dataset(RenderConfig(out_dir=d, n_train=40, n_val=20, world='plan'), progress=False)
-    torch.manual_seed(0)
-    save_vqgan(VQModel(VQConfig(image_size=32, codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 1, 2),
-                                num_res_blocks=1, z_channels=16, norm_groups=8)), str(tmp_path / 'vq.pt'))
+    tiny_shapes_vqgan(str(tmp_path / 'vq.pt'))
     meta = encode_dataset(PrepareConfig(out_dir=d, n_train=40, n_val=20, world='plan', vqgan=str(tmp_path / 'vq.pt'),
                                         teacher_kind='scene', text_len=36, device='cpu'), progress=False)
     assert meta['teacher_kind'] == 'scene' and meta['teacher'] == teachers.SceneTeacher().identity()
