@@ -51,6 +51,20 @@ def tiny_shapes_vqgan(path):
     return path
 
 
+def encode_tiny_shapes(root):
+    """Render 12 + 6 shapes scenes into root/shapes and encode them with the tiny tokenizer and CLIP above (no patch
+    targets): (PrepareConfig, meta, folder)."""
+    from teacher import Teacher
+    from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset
+    d = os.path.join(root, 'shapes')
+    render_dataset(RenderConfig(out_dir=d, n_train=12, n_val=6), progress=False)
+    tiny_shapes_vqgan(os.path.join(root, 'vq.pt'))
+    Teacher('ViT-S-32', **TINY_SHAPES_TEACHER).save(os.path.join(root, 'teacher.pt'))
+    cfg = PrepareConfig(out_dir=d, n_train=12, n_val=6, vqgan=os.path.join(root, 'vq.pt'),
+                        teacher=os.path.join(root, 'teacher.pt'), device='cpu', batch_size=5)
+    return cfg, encode_dataset(cfg, progress=False), d
+
+
 def make_tiny_dataset(data_dir, vqgan_path, text_tokenizer=None):
     """Write {train,val}_{codes,text,teacher}.bin, captions and meta.json for the 12-caption world, the captions in
     text_tokenizer (a data.common.TextTokenizer; default open_clip's BPE)."""

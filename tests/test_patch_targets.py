@@ -16,9 +16,8 @@ from data.encode import resample_patch_grid, write_patch_targets, patch_meta
 from data.shapes import teachers
 from data.shapes.world import render
 from utils import file_sha256
-from conftest import TINY_SHAPES_TEACHER, tiny_shapes_vqgan
+from conftest import encode_tiny_shapes, tiny_shapes_vqgan
 
-TINY_TEACHER = TINY_SHAPES_TEACHER  # a 4x4 patch grid at 32 px (conftest.py)
 PATCH_DIM = 6
 
 
@@ -70,18 +69,9 @@ def test_patch_oracle_reads_each_code_cell_off_the_scene():
 
 @pytest.fixture(scope='module')
 def shapes_dir(tmp_path_factory):
-    """12 + 6 rendered scenes encoded with a tiny random tokenizer (8x8 codes) and CLIP (4x4 patches), without patch
-    targets: (PrepareConfig, folder)."""
-    from teacher import Teacher
-    from data.shapes.prepare import RenderConfig, PrepareConfig, render_dataset, encode_dataset
-    root = tmp_path_factory.mktemp('patch_encode')
-    d = str(root / 'shapes')
-    render_dataset(RenderConfig(out_dir=d, n_train=12, n_val=6), progress=False)
-    tiny_shapes_vqgan(str(root / 'vq.pt'))
-    Teacher('ViT-S-32', **TINY_TEACHER).save(str(root / 'teacher.pt'))
-    cfg = PrepareConfig(out_dir=d, n_train=12, n_val=6, vqgan=str(root / 'vq.pt'), teacher=str(root / 'teacher.pt'),
-                        device='cpu', batch_size=5)
-    encode_dataset(cfg, progress=False)
+    """A tiny encoded shapes dir (conftest.encode_tiny_shapes: 4x4 CLIP patches), without patch targets:
+    (PrepareConfig, folder)."""
+    cfg, _, d = encode_tiny_shapes(str(tmp_path_factory.mktemp('patch_encode')))
     return cfg, d
 
 

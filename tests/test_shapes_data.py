@@ -8,7 +8,7 @@ import pytest
 from data.shapes import world, worlds
 from data.shapes.prepare import RenderConfig, render_dataset
 from data.common import load_split, load_scenes
-from conftest import TINY_SHAPES_TEACHER, tiny_shapes_vqgan
+from conftest import TINY_SHAPES_TEACHER, encode_tiny_shapes
 
 
 def test_rendering_is_deterministic_for_a_seed():
@@ -121,17 +121,7 @@ TINY_TEACHER = TINY_SHAPES_TEACHER  # a 4x4 patch grid at 32 px (conftest.py)
 @pytest.fixture(scope='module')
 def encoded(tmp_path_factory):
     """12 + 6 rendered scenes encoded with a tiny random tokenizer and teacher: (PrepareConfig, meta, folder)."""
-    import torch
-    from data.shapes.prepare import PrepareConfig, encode_dataset
-    from teacher import Teacher
-    root = tmp_path_factory.mktemp('encode')
-    d = str(root / 'shapes')
-    render_dataset(RenderConfig(out_dir=d, n_train=12, n_val=6), progress=False)
-    tiny_shapes_vqgan(str(root / 'vq.pt'))
-    Teacher('ViT-S-32', **TINY_TEACHER).save(str(root / 'teacher.pt'))
-    cfg = PrepareConfig(out_dir=d, n_train=12, n_val=6, vqgan=str(root / 'vq.pt'), teacher=str(root / 'teacher.pt'),
-                        device='cpu', batch_size=5)
-    return cfg, encode_dataset(cfg, progress=False), d
+    return encode_tiny_shapes(str(tmp_path_factory.mktemp('encode')))
 
 
 def test_encode_without_a_teacher_names_the_command_that_trains_it(encoded):
