@@ -375,8 +375,8 @@ def prepare_steps(cfg, world, kind, patch=False):
 
 
 def has_patch_targets(d):
-    path = os.path.join(d, 'meta.json')
-    return os.path.exists(path) and 'teacher_patch' in json.load(open(path))
+    from data.common import read_meta
+    return os.path.exists(os.path.join(d, 'meta.json')) and 'teacher_patch' in read_meta(d)
 
 
 def needed_data(runs):

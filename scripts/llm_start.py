@@ -24,7 +24,6 @@ first eval_rows val rows), then one image for each of the first n_prompts val ca
 """
 import os
 import sys
-import json
 import time
 import subprocess
 from dataclasses import dataclass, asdict
@@ -34,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 from configurator import configure  # noqa: E402
+from experiment import read_jsonl, append_jsonl  # noqa: E402  (the regime map's results files, same format)
 
 ARMS = {
     'llm_arra': ('llm', ['--align_weight=1', '--align_layer=1']),
@@ -68,10 +68,7 @@ def results_path(cfg):
 
 
 def read_results(cfg):
-    if not os.path.exists(results_path(cfg)):
-        return []
-    with open(results_path(cfg)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(results_path(cfg))
 
 
 def train_command(cfg, arm, seed, out, resume):
@@ -82,11 +79,6 @@ def train_command(cfg, arm, seed, out, resume):
             f'--eval_rows={cfg.eval_rows}', '--eval_samples=0', f'--batch_size={cfg.batch_size}',
             f'--learning_rate={cfg.learning_rate}', f'--warmup_iters={cfg.warmup_iters}', f'--min_lr={cfg.min_lr}',
             '--log_interval=5', '--peak_flops=1e11', *args]
-
-
-def read_log(out):
-    with open(os.path.join(out, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def run_one(cfg, arm, seed):
@@ -107,7 +99,7 @@ def run_one(cfg, arm, seed):
     metrics, _ = score_checkpoint(os.path.join(out, 'ckpt.pt'), ExperimentConfig(), 'default', prompts,
                                   get_evaluator(progress=False), real_val_images(32, 1000))
     t2 = time.time()
-    records = read_log(out)
+    records = read_jsonl(os.path.join(out, 'log.jsonl'))
     evals = [r for r in records if r.get('kind') == 'eval']
     steps = [r for r in records if r.get('kind') == 'train']
     curve = {}
@@ -120,8 +112,7 @@ def run_one(cfg, arm, seed):
                train_command=' '.join(cmd[1:]), config=asdict(cfg),
                **{k: metrics[k] for k in ('prompt_acc', 'obj_shape_acc', 'obj_color_acc', 'position_acc',
                                           'count_acc', 'frechet_evaluator', 'cfg_scale', 'temperature', 'n_prompts')})
-    with open(results_path(cfg), 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    append_jsonl(results_path(cfg), row)
     if not cfg.keep_checkpoints:
         os.remove(os.path.join(out, 'ckpt.pt'))
     print(f'[{arm} s{seed}] val CE {row["val_ce"]:.4f}, prompt acc. {row["prompt_acc"]:.3f} '
