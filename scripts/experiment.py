@@ -795,6 +795,22 @@ def _diff_text(diff, t, p, n, key):
     return f'{diff:{fmt}}' + (f' (p={p:.3f})' if not np.isnan(p) else f' (n={n})')
 
 
+def _metric_header(cols, names):
+    """Column titles of a results table: each metric, and 'vs baseline' after the paired ones."""
+    return [h for k in cols for h in ([names[k], 'vs baseline'] if k in PAIRED else [names[k]])]
+
+
+def _metric_cells(e, cols):
+    """A summary entry's cells under _metric_header: mean +/- std of each metric ('n/a' where no run recorded it),
+    and the paired difference from the baseline after the paired ones."""
+    cells = []
+    for k in cols:
+        cells.append(_cell_text(*e['metrics'][k][:2], k) if k in e['metrics'] else 'n/a')
+        if k in PAIRED:
+            cells.append(_diff_text(*e['paired'][k], k) if 'paired' in e else '')
+    return cells
+
+
 def markdown(summary, ceilings=None):
     """One table per world and step: a row per cell with mean +/- std over seeds, n, and for the primary metrics and
     val CE the paired difference against the baseline with its paired t-test p."""
@@ -806,15 +822,10 @@ def markdown(summary, ceilings=None):
         lines += [f'### {world} world, step {step}' + (f' (tokenizer ceiling: prompt acc. '
                                                        f'{ceiling["prompt_acc"]:.3f})' if ceiling else ''), '']
         cols = metric_keys(world)
-        header = ['cell', 'n'] + [h for k in cols for h in ([names[k], 'vs baseline'] if k in PAIRED else [names[k]])]
+        header = ['cell', 'n'] + _metric_header(cols, names)
         lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
         for cell_text, e in table.items():
-            cells = [cell_text, str(len(e['seeds']))]
-            for k in cols:
-                cells.append(_cell_text(*e['metrics'][k][:2], k))
-                if k in PAIRED:
-                    cells.append(_diff_text(*e['paired'][k], k) if 'paired' in e else '')
-            lines.append('| ' + ' | '.join(cells) + ' |')
+            lines.append('| ' + ' | '.join([cell_text, str(len(e['seeds']))] + _metric_cells(e, cols)) + ' |')
         lines.append('')
     return '\n'.join(lines)
 
@@ -850,17 +861,12 @@ def target_markdown(summary):
             continue
         family = sorted((c for c in table if Cell.parse(c).n_layer == 4 and Cell.parse(c).align_layer == 1),
                         key=target_order)
-        header = ['target', 'cell', 'n'] + [h for k in TARGET_COLUMNS
-                                            for h in ([names[k], 'vs baseline'] if k in PAIRED else [names[k]])]
+        header = ['target', 'cell', 'n'] + _metric_header(TARGET_COLUMNS, names)
         lines += [f'### global vs patch: {world} world, step {step}', '', '| ' + ' | '.join(header) + ' |',
                   '|' + '---|' * len(header)]
         for cell_text in family:
             e, cell = table[cell_text], Cell.parse(cell_text)
-            row = [target_label(cell), f'`{cell_text}`', str(len(e['seeds']))]
-            for k in TARGET_COLUMNS:
-                row.append(_cell_text(*e['metrics'][k][:2], k) if k in e['metrics'] else 'n/a')
-                if k in PAIRED:
-                    row.append(_diff_text(*e['paired'][k], k) if 'paired' in e else '')
+            row = [target_label(cell), f'`{cell_text}`', str(len(e['seeds']))] + _metric_cells(e, TARGET_COLUMNS)
             lines.append('| ' + ' | '.join(row) + ' |')
         lines.append('')
     return '\n'.join(lines)
