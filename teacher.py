@@ -254,10 +254,16 @@ def embed_dataset(teacher, images, batch_size=256, progress=True):
         raise ValueError(f'embed_dataset takes uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}')
     out = np.empty((len(images), teacher.dim), dtype=np.float16)
     with torch.inference_mode():  # the embeddings only go to numpy
-        for i in tqdm(range(0, len(images), batch_size), desc=f'teacher {teacher.name}', disable=not progress):
-            x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)  # (b, 3, H, W)
+        for i, x in image_batches(images, batch_size, f'teacher {teacher.name}', progress):
             out[i:i + len(x)] = teacher.embed(x, batch_size=batch_size).cpu().numpy()
     return out
+
+
+def image_batches(images, batch_size, desc, progress=True):
+    """(start row, uint8 (b, 3, H, W) tensor) for each batch of uint8 (N, H, W, 3) images, with a progress bar; a
+    memmap is read one batch at a time."""
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+        yield i, torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)  # (b, 3, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------------------

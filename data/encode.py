@@ -535,11 +535,10 @@ def embed_patch_dataset(teacher, images, grid, batch_size=256, progress=True):
     """uint8 (N, H, W, 3) images -> float16 (N, T, D_p) patch targets on the code grid: the teacher's last-block
     patch tokens after its final LayerNorm, before the projection (Teacher.embed(return_tokens=True); the CLS token
     left out), resampled to `grid` (resample_patch_grid), unit norm."""
-    from tqdm import tqdm
+    from teacher import image_batches
     src = teacher_patch_grid(teacher)
     out = None
-    for i in tqdm(range(0, len(images), batch_size), desc=f'patch tokens {teacher.name}', disable=not progress):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2)   # (b, 3, H, W) uint8
+    for i, x in image_batches(images, batch_size, f'patch tokens {teacher.name}', progress):  # x (b, 3, H, W) uint8
         _, tokens = teacher.embed(x, batch_size=batch_size, return_tokens=True)       # (b, h*w, width)
         cells = resample_patch_grid(tokens.cpu(), src, grid).numpy()                    # (b, T, width)
         if out is None:

@@ -78,10 +78,10 @@ def probe_scores(train_x, train_y, test_x, test_y, l2=1e-3):
 
 def vit_features(vit, images, batch_size=100, progress=True):
     """uint8 (N, H, W, 3) -> (CLS (N, D), mean patch token (N, D)) float32 numpy, both after the final norm."""
-    from tqdm import tqdm
+    from teacher import image_batches
     cls, mean = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc=f'ViT features ({vit.image_size} px)', disable=not progress):
-        toks = vit.tokens(torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2))  # (b, 1+N, D)
+    for _, x in image_batches(images, batch_size, f'ViT features ({vit.image_size} px)', progress):
+        toks = vit.tokens(x)                                                                  # (b, 1+N, D)
         cls.append(toks[:, 0])
         mean.append(toks[:, vit.n_prefix:].mean(1))
     return torch.cat(cls).numpy(), torch.cat(mean).numpy()
