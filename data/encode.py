@@ -524,27 +524,39 @@ def resample_patch_grid(tokens, src_grid, dst_grid):
 
 
 def teacher_patch_grid(teacher):
-    """(h, w) of a CLIP teacher's patch tokens: its vision tower's grid (image size / patch size)."""
-    grid = getattr(teacher.model.visual, 'grid_size', None)
+    """(h, w) of a teacher's patch tokens: a ViTTeacher's grid, or a CLIP's vision-tower grid (image / patch size)."""
+    if isinstance(getattr(teacher, 'grid', None), int):  # teacher.ViTTeacher
+        return (teacher.grid, teacher.grid)
+    grid = getattr(getattr(teacher.model, 'visual', None), 'grid_size', None)
     if grid is None:
         raise ValueError(f'the teacher {teacher.name} has no patch grid (its vision tower is not a ViT)')
     return tuple(int(g) for g in grid)
 
 
-def embed_patch_dataset(teacher, images, grid, batch_size=256, progress=True):
+def embed_patch_dataset(teacher, images, grid, batch_size=256, progress=True, with_global=False):
     """uint8 (N, H, W, 3) images -> float16 (N, T, D_p) patch targets on the code grid: the teacher's last-block
     patch tokens after its final LayerNorm, before the projection (Teacher.embed(return_tokens=True); the CLS token
-    left out), resampled to `grid` (resample_patch_grid), unit norm."""
+    left out), resampled to `grid` (resample_patch_grid), unit norm. with_global=True also returns the global
+    embeddings float16 (N, D) of the same forward passes (embed_dataset's array), so a costly teacher runs once."""
     from teacher import image_batches
     src = teacher_patch_grid(teacher)
-    out = None
-    for i, x in image_batches(images, batch_size, f'patch tokens {teacher.name}', progress):  # x (b, 3, H, W) uint8
-        _, tokens = teacher.embed(x, batch_size=batch_size, return_tokens=True)       # (b, h*w, width)
-        cells = resample_patch_grid(tokens.cpu(), src, grid).numpy()                    # (b, T, width)
-        if out is None:
-            out = np.empty((len(images), *cells.shape[1:]), dtype=PATCH_DTYPE)
-        out[i:i + len(x)] = cells
-    return out
+    out, emb = None, np.empty((len(images), teacher.dim), dtype=np.float16)
+    with torch.inference_mode():  # the features only go to numpy
+        for i, x in image_batches(images, batch_size, f'patch tokens {teacher.name}', progress):  # (b, 3, H, W)
+            glob, tokens = teacher.embed(x, batch_size=batch_size, return_tokens=True)    # (b, D), (b, h*w, width)
+            cells = resample_patch_grid(tokens.cpu(), src, grid).numpy()                    # (b, T, width)
+            if out is None:
+                out = np.empty((len(images), *cells.shape[1:]), dtype=PATCH_DTYPE)
+            out[i:i + len(x)], emb[i:i + len(x)] = cells, glob.cpu().numpy()
+    return (emb, out) if with_global else out
+
+
+def resample_note(src_grid, grid):
+    """meta.json's words for how resample_patch_grid took a teacher's patch grid to the code grid."""
+    if tuple(src_grid) == tuple(grid):
+        return 'none: the teacher grid is the code grid'
+    return (f'average pooling {src_grid[0]}x{src_grid[1]} -> {grid[0]}x{grid[1]} (F.adaptive_avg_pool2d), '
+            f'then L2-normalised')
 
 
 def patch_targets_nbytes(n_rows, image_tokens, dim):

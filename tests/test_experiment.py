@@ -233,8 +233,13 @@ def test_targets_plan_screens_every_target_and_the_controls_per_world(tmp_path):
         got = {str(c) for c, _, _ in runs if c.world == w}
         assert got == {f'{w}:none:0:4:1', f'{w}:clip:1:4:1', f'{w}:clip:0.5:4:1:patch', f'{w}:clip:0.5:4:1:both',
                        f'{w}:clip_shuffled:0.5:4:1:patch', f'{w}:scene:0.5:4:1:patch'}
-    # the worlds without a teacher entry yet (the Fashion-MNIST placeholder) are left out, not an error
-    assert ex.target_worlds(['plan', 'fashion']) == ['plan']
+    # Fashion-MNIST aligns to its pretrained ViT; it has no scene oracle; its encode always writes patch targets
+    assert ex.target_worlds(['plan', 'fashion', 'nowhere']) == ['plan', 'fashion']
+    fashion = ex.planned_runs(ex.ExperimentConfig(plan='targets', worlds='fashion', out_dir=str(tmp_path)))
+    assert {str(c) for c, _, _ in fashion} == {'fashion:none:0:4:1', 'fashion:vit:1:4:1', 'fashion:vit:0.5:4:1:patch',
+                                               'fashion:vit:0.5:4:1:both', 'fashion:vit_shuffled:0.5:4:1:patch'}
+    encode = dict((n, cmd) for n, cmd, _ in ex.prepare_steps(cfg, 'fashion', 'clip'))['encode']
+    assert '--patch_targets=True' in encode
     # the data dirs that a patch cell reads are encoded with their patch targets
     steps = dict((n, (cmd, done)) for n, cmd, done in ex.prepare_steps(cfg, 'plan', 'clip', patch=True))
     assert '--patch_targets=True' in steps['encode'][0] and not steps['encode'][1]

@@ -272,6 +272,35 @@ def test_encode_stage_is_skipped_when_unchanged(prepared, capsys):
     assert 'skipping' in capsys.readouterr().out and meta == prepared['meta']
 
 
+@pytest.mark.parametrize('at_encode', [True, False])
+def test_patch_targets_of_the_vit(prepared, tmp_path, at_encode):
+    """--patch_targets=True writes the ViT's patch tokens on the code grid, in the same pass as the globals (at the
+    encode) or added to an encoded dir; they equal the teacher's tokens pooled to the grid, and the globals stay."""
+    import shutil
+    from data.common import open_patch_targets, read_meta
+    from data.encode import resample_patch_grid
+    from teacher import ViTTeacher
+    cfg = prepared['cfg']
+    out = str(tmp_path / 'data')
+    shutil.copytree(cfg.out_dir, out)
+    if at_encode:
+        os.remove(os.path.join(out, 'meta.json'))
+    cfg = fp.FashionConfig(**{**vars(cfg), 'out_dir': out, 'patch_targets': True})
+    meta = fp.encode_dataset(cfg, progress=False)
+    assert meta == read_meta(out) and meta['teacher_patch']['grid'] == [8, 8]
+    assert meta['teacher_patch']['source_grid'] == [2, 2] and meta['teacher_patch']['dim'] == 32  # 28 px / 14
+    patches = open_patch_targets(out, 'val', meta)
+    assert patches.shape == (20, 64, 32) and patches.dtype == np.float16
+    images = np.load(os.path.join(out, 'val_images.npy'))
+    vit = ViTTeacher(weights=cfg.teacher, image_size=28)
+    _, tokens = vit.embed(torch.from_numpy(images).permute(0, 3, 1, 2), return_tokens=True)  # (20, 4, 32)
+    ref = resample_patch_grid(tokens, (2, 2), (8, 8)).numpy()                               # (20, 64, 32)
+    assert np.allclose(np.asarray(patches, np.float32), ref, atol=2e-3)
+    glob = [np.fromfile(os.path.join(d, 'val_teacher.bin'), np.float16).astype(np.float32)
+            for d in (out, prepared['cfg'].out_dir)]
+    assert np.allclose(*glob, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the fashion world of scripts/experiment.py
 
@@ -308,12 +337,22 @@ def test_fashion_report_tables(tmp_path):
         for cell, acc in (('fashion:none:0:4:1', 0.7), ('fashion:vit:1:4:1', 0.72)):
             c = ex.Cell.parse(cell)
             rows.append(dict(cell=cell, world='fashion', teacher=c.teacher, seed=seed, step=3000,
-                             prompt_acc=acc + 0.01 * seed, frechet_evaluator=5.0 - seed, val_ce=2.0, fd_vit=100.0))
+                             prompt_acc=acc + 0.01 * seed, frechet_evaluator=5.0 - seed, val_ce=2.0,
+                             fd_vit=100.0 - 3 * (c.teacher != 'none') + seed))
     summary = ex.summarise(rows, (3000,))
     table = summary['fashion@3000']
     assert np.isclose(table['fashion:vit:1:4:1']['paired']['prompt_acc'][0], 0.02)
+    assert np.isclose(table['fashion:vit:1:4:1']['paired']['fd_vit'][0], -3.0)  # FD-ViT is paired too
     text = ex.markdown(summary)
-    assert 'FD-ViT' in text and 'bg colour' not in text
+    header = next(line for line in text.splitlines() if line.startswith('| cell'))
+    assert header.split(' | ')[2:] == ['class acc.', 'vs baseline', 'FD (classifier)', 'vs baseline', 'val CE',
+                                       'vs baseline', 'FD-ViT (CLS)', 'vs baseline |']
+    assert '-3.0' in text and 'bg colour' not in text and 'GenEval' not in text
+    # the global-vs-patch table of the fashion world names the same columns
+    rows += [dict(r, cell='fashion:vit:0.5:4:1:patch', prompt_acc=0.75) for r in rows if r['teacher'] == 'vit']
+    text = ex.target_markdown(ex.summarise(rows, (3000,)))
+    assert '### global vs patch: fashion world, step 3000' in text and '| patch (w 0.5) |' in text
+    assert 'class acc.' in text and 'FD-ViT (CLS)' in text and 'GenEval' not in text
 
 
 def test_fashion_scorer_reference_and_ceiling(prepared, tmp_path):
@@ -327,6 +366,7 @@ def test_fashion_scorer_reference_and_ceiling(prepared, tmp_path):
     os.symlink(prepared['cfg'].out_dir, root / 'fashion_vit')
     cfg = ex.ExperimentConfig(plan='fashion', out_dir=str(tmp_path / 'out'), data_root=str(root),
                               fashion_vqgan=prepared['cfg'].vqgan, fashion_classifier=str(tmp_path / 'clf.pt'),
+                              fashion_vit_samples=8, grid_per_prompt=2,
                               fashion_prompts=20)
     torch.manual_seed(0)
     clf = fc.FashionCNN(width=4, hidden=8)
@@ -361,6 +401,7 @@ def test_fashion_run_end_to_end(prepared, tmp_path):
     cfg = ex.ExperimentConfig(plan='fashion', out_dir=str(tmp_path / 'out'), data_root=str(root), stages=(2,),
                               schedule_steps=2, full_score_steps=(2,), fashion_prompts=20,
                               fashion_vqgan=prepared['cfg'].vqgan, fashion_classifier=str(tmp_path / 'clf.pt'),
+                              fashion_vit_samples=8, grid_per_prompt=2,
                               train_args='--n_head=2 --n_embd=32 --batch_size=4 --peak_flops=1e11 --eval_rows=20 '
                                          '--warmup_iters=1')
     torch.manual_seed(0)
@@ -372,4 +413,10 @@ def test_fashion_run_end_to_end(prepared, tmp_path):
     rows = ex.read_jsonl(os.path.join(cfg.out_dir, 'results.jsonl'))
     assert len(rows) == 1 and rows[0]['n_prompts'] == 20 and rows[0]['world'] == 'fashion'
     assert 0 <= rows[0]['prompt_acc'] <= 1 and rows[0]['frechet_evaluator'] > 0 and rows[0]['fd_vit'] > 0
+    assert rows[0]['n_fd_vit'] == 8
     json.dumps(rows[0])
+    # the side-by-side grid: a row per class prompt; the same run twice gives twice the same columns (same noise)
+    cell = ex.Cell.parse('fashion:vit:1:2:1')
+    path, grid = ex.side_by_side(cfg, [cell, cell])
+    assert grid.shape == (10, 4, 32, 32, 3) and np.array_equal(grid[:, :2], grid[:, 2:]) and os.path.exists(path)
+    assert not np.array_equal(grid[:, 0], grid[:, 1])  # two samples of a prompt draw different noise

@@ -130,6 +130,7 @@ class FashionConfig:
     teacher_image_size: int = 112  # a ViT teacher's input side (112 px / patch 14 = the 8 x 8 code grid)
     text_len: int = FASHION_TEXT_LEN
     text_tokenizer: str = 'open_clip'
+    patch_targets: bool = False    # also write {split}_teacher_patch.bin (train.py --align_target=patch|both)
     batch_size: int = 256
     device: str = 'auto'
 
@@ -172,6 +173,7 @@ def encode_dataset(cfg, progress=True):
     from data.common import load_split, tokenize_captions, write_split, write_meta, load_text_tokenizer
     from vqgan import load_vqgan, encode_images, vqgan_identity
     from teacher import load_teacher_spec, embed_dataset
+    from data.encode import embed_patch_dataset, write_patch_targets, announce_patch_targets
     stamp_path = os.path.join(cfg.out_dir, 'source.json')
     if not os.path.exists(stamp_path):
         raise FileNotFoundError(f'{stamp_path} not found: write the images first with '
@@ -191,20 +193,31 @@ def encode_dataset(cfg, progress=True):
         old = json.load(open(meta_path))
         if dict(vqgan=old['vqgan']['sha256'], teacher=old['teacher'], text_len=old['text_len'],
                 text_tokenizer=old['text_tokenizer'], source=old.get('source')) == wanted:
+            if cfg.patch_targets and 'teacher_patch' not in old:
+                return add_patch_targets(cfg, old, teacher, progress)
             print(f'{cfg.out_dir} is already encoded with this tokenizer and teacher; skipping')
             return old
         os.remove(meta_path)  # the arrays are about to change: never a stale meta
-    t0, counts = time.time(), {}
+    t0, counts, patch_sha = time.time(), {}, {}
+    if cfg.patch_targets:
+        announce_patch_targets(cfg.out_dir, source['splits'], vq.grid[0] * vq.grid[1], patch_dim(teacher))
     for split in ('train', 'val'):
         images, captions = load_split(cfg.out_dir, split)
         if vq.image_size != images.shape[1]:
             raise ValueError(f'the tokenizer {cfg.vqgan} takes {vq.image_size}px images, these are '
                              f'{images.shape[1]}px: train one with `python data/shapes/train_tokenizer.py '
                              f'--data_dir={cfg.out_dir}`')
+        if cfg.patch_targets:  # one pass of the teacher gives both the global and the patch targets
+            glob, patches = embed_patch_dataset(teacher, images, tuple(vq.grid), cfg.batch_size, progress,
+                                                with_global=True)                          # (N, D), (N, T, D_p)
+            patch_sha[split] = write_patch_targets(cfg.out_dir, split, patches)
+            del patches
+        else:
+            glob = embed_dataset(teacher, images, cfg.batch_size, progress)                # (N, D) float16
         write_split(cfg.out_dir, split, dict(
             codes=encode_images(vq, images, cfg.batch_size, device, progress),            # (N, T) uint16
             text=tokenize_captions(captions, cfg.text_len, tokenizer=text_tok),            # (N, L)
-            teacher=embed_dataset(teacher, images, cfg.batch_size, progress)))             # (N, D) float16
+            teacher=glob))
         counts[split] = len(images)
     default = FashionConfig()
     meta = dict(
@@ -214,12 +227,43 @@ def encode_dataset(cfg, progress=True):
         teacher=teacher.identity(), teacher_dim=teacher.dim, vqgan=vqgan_identity(cfg.vqgan),
         captions={split: f'{split}_captions.txt' for split in counts}, labels={s: f'{s}_labels.npy' for s in counts},
         classes=list(CLASSES), prompts=list(PROMPTS), source=source,
+        **(dict(teacher_patch=patch_record(teacher, vq.grid, patch_sha)) if cfg.patch_targets else {}),
         prepare_command=' '.join(['python data/fashion/prepare.py --stage=encode'] + [
             f'--{f.name}={getattr(cfg, f.name)}' for f in fields(cfg)
             if f.name not in ('stage', 'source') and getattr(cfg, f.name) != getattr(default, f.name)]))
     write_meta(cfg.out_dir, meta)
     print(f'encoded {counts["train"]:,} train + {counts["val"]:,} val images in {time.time() - t0:.1f}s: codes '
           f'{vq.grid[0]}x{vq.grid[1]} of {vq.codebook_size}, teacher {teacher.name} (D = {teacher.dim})')
+    return meta
+
+
+def patch_dim(teacher):
+    """Width of a teacher's patch tokens: a ViTTeacher's dim, a CLIP's vision-tower width."""
+    from data.encode import teacher_patch_grid
+    from teacher import ViTTeacher
+    teacher_patch_grid(teacher)  # a clear error for a teacher without patch tokens
+    return teacher.dim if isinstance(teacher, ViTTeacher) else teacher.model.visual.transformer.width
+
+
+def patch_record(teacher, grid, sha256):
+    from data.encode import patch_meta, teacher_patch_grid, resample_note
+    src = teacher_patch_grid(teacher)
+    return patch_meta(teacher.identity(), src, grid, patch_dim(teacher), resample_note(src, grid), sha256)
+
+
+def add_patch_targets(cfg, meta, teacher, progress=True):
+    """Add {split}_teacher_patch.bin and meta.json's `teacher_patch` to an encoded dir (codes and globals kept)."""
+    from data.common import load_split, write_meta
+    from data.encode import embed_patch_dataset, write_patch_targets, announce_patch_targets
+    t0, grid, sha = time.time(), tuple(meta['grid']), {}
+    announce_patch_targets(cfg.out_dir, meta['splits'], meta['image_tokens'], patch_dim(teacher))
+    for split in meta['splits']:
+        images, _ = load_split(cfg.out_dir, split)
+        sha[split] = write_patch_targets(cfg.out_dir, split, embed_patch_dataset(teacher, images, grid,
+                                                                                 cfg.batch_size, progress))
+    meta = dict(meta, teacher_patch=patch_record(teacher, grid, sha))
+    write_meta(cfg.out_dir, meta)
+    print(f'wrote patch targets ({teacher.name}, {grid[0]}x{grid[1]}) in {time.time() - t0:.1f}s')
     return meta
 
 

@@ -148,11 +148,10 @@ def patch_split(teacher, data_dir, split, images, grid, batch_size=256, progress
                              f're-render with `python data/shapes/prepare.py`')
         array = oracle.embed(scenes, grid, images.shape[1]).astype(np.float16)
         return array, oracle.identity(), tuple(grid), 'none: computed per code cell from the scene record'
-    from data.encode import embed_patch_dataset, teacher_patch_grid
+    from data.encode import embed_patch_dataset, teacher_patch_grid, resample_note
     src = teacher_patch_grid(teacher)
-    how = 'none: the teacher grid is the code grid' if tuple(src) == tuple(grid) else \
-        f'average pooling {src[0]}x{src[1]} -> {grid[0]}x{grid[1]} (F.adaptive_avg_pool2d), then L2-normalised'
-    return embed_patch_dataset(teacher, images, tuple(grid), batch_size, progress), teacher.identity(), src, how
+    return (embed_patch_dataset(teacher, images, tuple(grid), batch_size, progress), teacher.identity(), src,
+            resample_note(src, grid))
 
 
 def load_teacher(kind, path, device):
