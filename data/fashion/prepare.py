@@ -25,6 +25,9 @@ the same pieces as the other datasets: vqgan.encode_images, teacher.embed_datase
 `python data/shapes/train_teacher.py --dataset=fashion --out_dir=out/teacher_fashion`), a DINOv2-layout ViT weights
 file (.safetensors, teacher.ViTTeacher: e.g. scripts/convert_vit_onnx.py's output), or timm:NAME (a timm DINOv2
 model by name, e.g. timm:vit_small_patch14_dinov2.lvd142m, fetched by timm: needs the network once).
+--patch_targets=True also writes {split}_teacher_patch.bin, float16 (N, 64, D_p): the teacher's patch tokens on the
+8 x 8 code grid (train.py --align_target=patch|both), from the same forward pass as _teacher.bin; on a dir already
+encoded with this tokenizer and teacher it adds them alone.
 """
 import os
 import sys
