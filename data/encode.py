@@ -533,6 +533,14 @@ def teacher_patch_grid(teacher):
     return tuple(int(g) for g in grid)
 
 
+def teacher_patch_dim(teacher):
+    """Width of a teacher's patch tokens: a ViTTeacher's embedding width, a CLIP's vision-tower width."""
+    if isinstance(getattr(teacher, 'grid', None), int):  # teacher.ViTTeacher
+        return teacher.dim
+    teacher_patch_grid(teacher)  # a clear error for a teacher without patch tokens
+    return teacher.model.visual.transformer.width
+
+
 def embed_patch_dataset(teacher, images, grid, batch_size=256, progress=True, with_global=False):
     """uint8 (N, H, W, 3) images -> float16 (N, T, D_p) patch targets on the code grid: the teacher's last-block
     patch tokens after its final LayerNorm, before the projection (Teacher.embed(return_tokens=True); the CLS token
@@ -540,14 +548,16 @@ def embed_patch_dataset(teacher, images, grid, batch_size=256, progress=True, wi
     embeddings float16 (N, D) of the same forward passes (embed_dataset's array), so a costly teacher runs once."""
     from teacher import image_batches
     src = teacher_patch_grid(teacher)
-    out, emb = None, np.empty((len(images), teacher.dim), dtype=np.float16)
+    out, emb = None, np.empty((len(images), teacher.dim), dtype=np.float16) if with_global else None
     with torch.inference_mode():  # the features only go to numpy
         for i, x in image_batches(images, batch_size, f'patch tokens {teacher.name}', progress):  # (b, 3, H, W)
             glob, tokens = teacher.embed(x, batch_size=batch_size, return_tokens=True)    # (b, D), (b, h*w, width)
             cells = resample_patch_grid(tokens.cpu(), src, grid).numpy()                    # (b, T, width)
             if out is None:
                 out = np.empty((len(images), *cells.shape[1:]), dtype=PATCH_DTYPE)
-            out[i:i + len(x)], emb[i:i + len(x)] = cells, glob.cpu().numpy()
+            out[i:i + len(x)] = cells
+            if with_global:
+                emb[i:i + len(x)] = glob.cpu().numpy()
     return (emb, out) if with_global else out
 
 

@@ -176,7 +176,7 @@ def encode_dataset(cfg, progress=True):
     from data.common import load_split, tokenize_captions, write_split, write_meta, load_text_tokenizer
     from vqgan import load_vqgan, encode_images, vqgan_identity
     from teacher import load_teacher_spec, embed_dataset
-    from data.encode import embed_patch_dataset, write_patch_targets, announce_patch_targets
+    from data.encode import embed_patch_dataset, write_patch_targets, announce_patch_targets, teacher_patch_dim
     stamp_path = os.path.join(cfg.out_dir, 'source.json')
     if not os.path.exists(stamp_path):
         raise FileNotFoundError(f'{stamp_path} not found: write the images first with '
@@ -203,7 +203,8 @@ def encode_dataset(cfg, progress=True):
         os.remove(meta_path)  # the arrays are about to change: never a stale meta
     t0, counts, patch_sha = time.time(), {}, {}
     if cfg.patch_targets:
-        announce_patch_targets(cfg.out_dir, source['splits'], vq.grid[0] * vq.grid[1], patch_dim(teacher))
+        announce_patch_targets(cfg.out_dir, source['splits'], vq.grid[0] * vq.grid[1],
+                               teacher_patch_dim(teacher))
     for split in ('train', 'val'):
         images, captions = load_split(cfg.out_dir, split)
         if vq.image_size != images.shape[1]:
@@ -240,26 +241,18 @@ def encode_dataset(cfg, progress=True):
     return meta
 
 
-def patch_dim(teacher):
-    """Width of a teacher's patch tokens: a ViTTeacher's dim, a CLIP's vision-tower width."""
-    from data.encode import teacher_patch_grid
-    from teacher import ViTTeacher
-    teacher_patch_grid(teacher)  # a clear error for a teacher without patch tokens
-    return teacher.dim if isinstance(teacher, ViTTeacher) else teacher.model.visual.transformer.width
-
-
 def patch_record(teacher, grid, sha256):
-    from data.encode import patch_meta, teacher_patch_grid, resample_note
+    from data.encode import patch_meta, teacher_patch_grid, teacher_patch_dim, resample_note
     src = teacher_patch_grid(teacher)
-    return patch_meta(teacher.identity(), src, grid, patch_dim(teacher), resample_note(src, grid), sha256)
+    return patch_meta(teacher.identity(), src, grid, teacher_patch_dim(teacher), resample_note(src, grid), sha256)
 
 
 def add_patch_targets(cfg, meta, teacher, progress=True):
     """Add {split}_teacher_patch.bin and meta.json's `teacher_patch` to an encoded dir (codes and globals kept)."""
     from data.common import load_split, write_meta
-    from data.encode import embed_patch_dataset, write_patch_targets, announce_patch_targets
+    from data.encode import embed_patch_dataset, write_patch_targets, announce_patch_targets, teacher_patch_dim
     t0, grid, sha = time.time(), tuple(meta['grid']), {}
-    announce_patch_targets(cfg.out_dir, meta['splits'], meta['image_tokens'], patch_dim(teacher))
+    announce_patch_targets(cfg.out_dir, meta['splits'], meta['image_tokens'], teacher_patch_dim(teacher))
     for split in meta['splits']:
         images, _ = load_split(cfg.out_dir, split)
         sha[split] = write_patch_targets(cfg.out_dir, split, embed_patch_dataset(teacher, images, grid,

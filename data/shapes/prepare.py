@@ -204,7 +204,7 @@ def encode_patch_targets(cfg, meta, teacher, splits, progress=True):
     encoded dir; skipped when they are there for this teacher. meta.json loses the record while the files change,
     so a cut-short run leaves no stale one. -> the new meta."""
     from data.common import open_patch_targets, write_meta
-    from data.encode import announce_patch_targets, write_patch_targets, patch_meta
+    from data.encode import announce_patch_targets, write_patch_targets, patch_meta, teacher_patch_dim
     from data.shapes import teachers
     rec, grid = meta.get('teacher_patch'), tuple(meta['grid'])
     scene = isinstance(teacher, teachers.SceneTeacher)
@@ -215,7 +215,7 @@ def encode_patch_targets(cfg, meta, teacher, splits, progress=True):
             all(open_patch_targets(cfg.out_dir, s, meta) is not None for s in splits):
         print(f'{cfg.out_dir} already holds patch targets of this teacher; skipping')
         return meta
-    dim = teachers.SCENE_DIM if scene else teacher.model.visual.transformer.width  # the ViT's token width
+    dim = teachers.SCENE_DIM if scene else teacher_patch_dim(teacher)
     announce_patch_targets(cfg.out_dir, meta['splits'], meta['image_tokens'], dim)
     meta = {k: v for k, v in meta.items() if k != 'teacher_patch'}
     write_meta(cfg.out_dir, meta)
