@@ -507,12 +507,12 @@ class FashionScorer:
         from data.fashion.prepare import PROMPTS
         from data.fashion.evaluate import score_samples
         labels = np.array([PROMPTS.index(p) for p in prompts])
+        from data.fashion.evaluate import vit_features
+        from fid import frechet_distance_of_features
         m = score_samples(images, labels, self.classifier, self.ref['classifier'])
         k = min(len(images), self.vit_samples)  # FD-ViT on the first k samples: the ViT costs ~25x the classifier
-        vit = score_samples(images[:k], labels[:k], self.classifier, self.ref['classifier'], self.vit,
-                            self.ref['vit_cls'])
-        return dict(prompt_acc=m['class_accuracy'], frechet_evaluator=m['fd_classifier'], fd_vit=vit['fd_vit'],
-                    n_fd_vit=k)
+        fd_vit = frechet_distance_of_features(vit_features(self.vit, images[:k], progress=False)[0], self.ref['vit_cls'])
+        return dict(prompt_acc=m['class_accuracy'], frechet_evaluator=m['fd_classifier'], fd_vit=fd_vit, n_fd_vit=k)
 
 
 def fashion_ceiling(cfg, path):
