@@ -511,7 +511,8 @@ class FashionScorer:
         from fid import frechet_distance_of_features
         m = score_samples(images, labels, self.classifier, self.ref['classifier'])
         k = min(len(images), self.vit_samples)  # FD-ViT on the first k samples: the ViT costs ~25x the classifier
-        fd_vit = frechet_distance_of_features(vit_features(self.vit, images[:k], progress=False)[0], self.ref['vit_cls'])
+        cls = vit_features(self.vit, images[:k], progress=False)[0]                     # (k, D)
+        fd_vit = frechet_distance_of_features(cls, self.ref['vit_cls'])
         return dict(prompt_acc=m['class_accuracy'], frechet_evaluator=m['fd_classifier'], fd_vit=fd_vit, n_fd_vit=k)
 
 
