@@ -131,13 +131,14 @@ TOKENIZER_CANDIDATES = {  # name: (VQTrainConfig overrides, fused Adam, recorded
     'no attention, fused Adam': (dict(attention=False), True, 'ceiling 0.868, MSE 0.00115'),
     '1000 steps x 64, lr 4e-3': (dict(batch_size=64, max_iters=1000, lr=4e-3, warmup_iters=50, restart_interval=25),
                                  True, 'ceiling 0.496, MSE 0.00308'),
+    'num_res_blocks=0': (dict(num_res_blocks=0), False, 'ceiling 0.838 / 0.788 (seeds 1337 / 2), MSE 0.00095 / 0.00118'),
 }
-OLD_TEACHER = dict(batch_size=256, max_iters=400)                    # + unfused AdamW
+OLD_TEACHER = dict(batch_size=256, max_iters=400, patch_size=4)      # + unfused AdamW (the recipe before 8 px patches)
 OLD_ENCODE_BATCH = 256                                               # + torch.no_grad instead of inference_mode
 RECORDED = {  # quality of full runs (docs/speed.md, sections 2-3, with their commands)
     'tokenizer': dict(old='ceiling 0.930, val MSE 0.00077'),
-    'teacher': dict(old='top-1 0.568, in-100 0.908, bg 1.000/0.970', new='top-1 0.568, in-100 0.908, bg 1.000/0.970'),
-    'encode': dict(old='', new='arrays bit-identical to batch 256'),
+    'teacher': dict(old='top-1 0.568, in-100 0.908, bg 1.000/0.970', new='top-1 0.838, in-100 0.981, bg 0.997/1.000'),
+    'encode': dict(old='', new='codes bit-identical to batch 256; the 8 px teacher above'),
 }
 
 
@@ -216,7 +217,9 @@ def bench_teacher_recipe(cfg, images):
 
 
 def bench_encode_recipe(cfg, images):
-    """Seconds per image of the shapes encode (tokenizer codes + teacher embedding), old batching vs new."""
+    """Seconds per image of the shapes encode (tokenizer codes + teacher embedding): the old recipe (batches of 256,
+    no_grad, the 4 px teacher) vs today's (PrepareConfig's batch, inference_mode, ClipTrainConfig's teacher)."""
+    from dataclasses import replace
     from data.shapes.prepare import PrepareConfig
     from data.shapes.train_tokenizer import VQTrainConfig
     from data.shapes.train_teacher import ClipTrainConfig, clip_model_kwargs
@@ -228,6 +231,7 @@ def bench_encode_recipe(cfg, images):
                           ch=t.ch, ch_mult=t.ch_mult, num_res_blocks=t.num_res_blocks, z_channels=t.z_channels,
                           norm_groups=t.norm_groups, attention=t.attention)).eval()
     teacher = Teacher(c.base_model, **clip_model_kwargs(c, 32))
+    old_teacher = Teacher(c.base_model, **clip_model_kwargs(replace(c, **OLD_TEACHER), 32))
     imgs = images[0]
     new_batch = PrepareConfig().batch_size
 
@@ -236,7 +240,7 @@ def bench_encode_recipe(cfg, images):
             for i in range(0, len(imgs), OLD_ENCODE_BATCH):
                 x = torch.from_numpy(imgs[i:i + OLD_ENCODE_BATCH])
                 vq.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
-                teacher.embed(x.permute(0, 3, 1, 2), batch_size=OLD_ENCODE_BATCH)
+                old_teacher.embed(x.permute(0, 3, 1, 2), batch_size=OLD_ENCODE_BATCH)
 
     def new():
         encode_images(vq, imgs, new_batch, progress=False)
@@ -302,11 +306,13 @@ def main(cfg):
                          f'(batch {r["batch"]}); {quality}', f'today: {base["steps"]} steps x {base["step"] * 1e3:.0f} '
                          f'ms (batch {base["batch"]}); {RECORDED["tokenizer"]["old"]}', f'{r["ratio"]:.2f}x'))
         rows.append(('shapes teacher training', f'{tea["new_steps"]} steps x {tea["new_step"] * 1e3:.0f} ms '
-                     f'(batch {tea["new_batch"]}, fused AdamW); {RECORDED["teacher"]["new"]}',
-                     f'{tea["old_steps"]} steps x {tea["old_step"] * 1e3:.0f} ms (unfused); {RECORDED["teacher"]["old"]}',
+                     f'(8 px patches, fused AdamW); {RECORDED["teacher"]["new"]}',
+                     f'{tea["old_steps"]} steps x {tea["old_step"] * 1e3:.0f} ms (4 px, unfused); '
+                     f'{RECORDED["teacher"]["old"]}',
                      f'{tea["ratio"]:.2f}x'))
         rows.append(('shapes encode (codes + teacher)', f'{enc["new_img"] * 1e3:.2f} ms/img (batch {enc["new_batch"]}); '
-                     f'{RECORDED["encode"]["new"]}', f'{enc["old_img"] * 1e3:.2f} ms/img (batch {enc["old_batch"]})',
+                     f'{RECORDED["encode"]["new"]}', f'{enc["old_img"] * 1e3:.2f} ms/img (batch {enc["old_batch"]}, '
+                     f'4 px teacher)',
                      f'{enc["ratio"]:.2f}x'))
     fr = bench_frechet(cfg)
     rows.append((f'Frechet distance {fr["dim"]}-d', f'{fr["fast_s"]:.2f} s eigen route', f'{fr["sqrtm_s"]:.2f} s sqrtm',

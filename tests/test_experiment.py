@@ -243,6 +243,9 @@ def test_targets_plan_screens_every_target_and_the_controls_per_world(tmp_path):
     # the data dirs that a patch cell reads are encoded with their patch targets
     steps = dict((n, (cmd, done)) for n, cmd, done in ex.prepare_steps(cfg, 'plan', 'clip', patch=True))
     assert '--patch_targets=True' in steps['encode'][0] and not steps['encode'][1]
+    # the studies' CLIP teachers keep 4 px patches (8x8 = the code grid), whatever train_teacher.py's default is
+    fashion_clip = dict((n, cmd) for n, cmd, _ in ex.prepare_steps(cfg, 'fashion', 'clip'))
+    assert '--patch_size=4' in steps['teacher'][0] and '--patch_size=4' in fashion_clip['teacher']
     assert ex.needs_patch(runs, 'plan', 'scene') and ex.needs_patch(runs, 'default', 'clip')
     assert not ex.needs_patch([(ex.Cell.parse('plan:clip:1:4:1'), 0, 1000)], 'plan', 'clip')
 

@@ -11,7 +11,7 @@ from teacher import Teacher, build_clip, preprocess_uint8
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 BASE = 'ViT-S-32'
-TINY_TRAIN = ClipTrainConfig(embed_dim=32, vision_layers=2, vision_width=64, text_layers=1, text_width=64,
+TINY_TRAIN = ClipTrainConfig(embed_dim=32, patch_size=4, vision_layers=2, vision_width=64, text_layers=1, text_width=64,
                              batch_size=32, max_iters=30, lr=3e-3, warmup_iters=2, eval_interval=0)
 
 

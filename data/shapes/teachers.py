@@ -12,8 +12,8 @@ record in {split}_scenes.jsonl, never of the pixels, so it carries exactly the i
 Aligning to it tells apart "the teacher is weak" from "alignment does not help this model".
 
 Patch targets (prepare.py --patch_targets=True, for train.py --align_target=patch|both): a CLIP kind gives its ViT's
-patch tokens resampled to the code grid (data/encode.py embed_patch_dataset; the shapes CLIP's 4 px patches on 32 px
-images are already the 8x8 code grid); `scene` gives `ScenePatchTeacher`, its patch-wise twin: for each code cell,
+patch tokens resampled to the code grid (data/encode.py embed_patch_dataset; a shapes CLIP with 4 px patches on 32 px
+images, as scripts/experiment.py trains, is already the 8x8 code grid; the default 8 px patches' 4x4 grid is pooled up); `scene` gives `ScenePatchTeacher`, its patch-wise twin: for each code cell,
 what it truly shows, from the scene record: the object whose bounding box holds the cell's centre (shape, colour,
 size; else 'empty'), the background colour and texture, and the fraction of the cell's pixel rows in a light stripe,
 through a fixed random projection (seed PATCH_SEED) to D = SCENE_DIM, L2-normalised.

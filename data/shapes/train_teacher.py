@@ -36,7 +36,9 @@ class ClipTrainConfig:
     out_dir: str = 'out/teacher_shapes'  # teacher.pt goes here
     base_model: str = 'ViT-S-32'     # open_clip config name; its towers and embed_dim are replaced by the fields below
     embed_dim: int = 64              # D: the width of the shared embedding, and of the GPT's alignment target
-    patch_size: int = 4              # 32 px / 4 = 8x8 patches: cells of the 3x3 grid span ~2.7 patches
+    patch_size: int = 8              # 32 px / 8 = 4x4 patches (17 tokens): 2.7x faster per step than 4 px patches
+    #   (65 tokens) and better at 400 steps (val top-1 0.838 vs 0.568; docs/speed.md). The patch targets of a 4x4
+    #   grid are average-pooled up to the 8x8 code grid; scripts/experiment.py keeps 4 px (its recorded teachers)
     vision_layers: int = 4           # ViT depth
     vision_width: int = 64           # ViT width (head_width 32 -> 2 heads)
     text_layers: int = 2             # text transformer depth: captions are short and templated
