@@ -542,26 +542,34 @@ def fashion_ceiling(cfg, path):
 # ----------------------------------------------------------------------------------------------------------------
 # one run: train stage by stage, score every stage, record it at once
 
-def score_checkpoint(ckpt_path, cfg, world, prompts, evaluator, real_images, cfg_scale=None, temperature=None):
-    """Sample one image per prompt (at sample.py's default settings unless cfg_scale / temperature are given) and
-    score them with the shapes evaluator. Batch b of 250 prompts draws from a generator seeded sample_seed + b's
-    first index, so every checkpoint and setting sees the same noise. -> (metrics, images)."""
+def sample_checkpoint(ckpt_path, prompts, sample_seed, cfg_scale, temperature, batch=250):
+    """One image per prompt from a GPT checkpoint and the tokenizer its data was encoded with. Batch b of `batch`
+    prompts draws from a generator seeded sample_seed + b's first index, so every checkpoint and setting sees the
+    same noise. -> (images uint8 (n, H, W, 3), the checkpoint dict)."""
     import torch
     from contextlib import nullcontext
-    from sample import SampleConfig, load_gpt, load_matching_vqgan, load_text_tokenizer, tokenize_prompts, \
-        generate_images
+    from sample import load_gpt, load_matching_vqgan, load_text_tokenizer, tokenize_prompts, generate_images
+    model, ckpt = load_gpt(ckpt_path, 'cpu')
+    vq = load_matching_vqgan(ckpt, '', 'cpu')
+    text = tokenize_prompts(prompts, model.config.text_len, load_text_tokenizer(ckpt, ''))    # (n, L)
+    images = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch):
+            g = torch.Generator().manual_seed(sample_seed + start)
+            images.append(generate_images(model, vq, text[start:start + batch], nullcontext(), g, cfg_scale,
+                                          temperature))
+    return np.concatenate(images), ckpt
+
+
+def score_checkpoint(ckpt_path, cfg, world, prompts, evaluator, real_images, cfg_scale=None, temperature=None):
+    """Sample one image per prompt (at sample.py's default settings unless cfg_scale / temperature are given;
+    sample_checkpoint) and score them with the world's evaluator. -> (metrics, images)."""
+    from sample import SampleConfig
     from data.shapes.evaluate import evaluate_samples
     defaults = SampleConfig()
     cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
     temperature = defaults.temperature if temperature is None else temperature
-    model, ckpt = load_gpt(ckpt_path, 'cpu')
-    vq = load_matching_vqgan(ckpt, '', 'cpu')  # the tokenizer the data was encoded with
-    text = tokenize_prompts(prompts, model.config.text_len, load_text_tokenizer(ckpt, ''))    # (n, L)
-    images = []
-    for start in range(0, len(prompts), 250):
-        g = torch.Generator().manual_seed(cfg.sample_seed + start)
-        images.append(generate_images(model, vq, text[start:start + 250], nullcontext(), g, cfg_scale, temperature))
-    images = np.concatenate(images)
+    images, _ = sample_checkpoint(ckpt_path, prompts, cfg.sample_seed, cfg_scale, temperature)
     if isinstance(evaluator, FashionScorer):
         metrics = evaluator.score(images, prompts)
     else:
@@ -1011,11 +1019,8 @@ def side_by_side(cfg, cells, path=None):
     """One PNG: a row per prompt (the world's distinct val prompts, up to 10), in each row grid_per_prompt samples of
     every cell's run (grid_seed), cells left to right in the order given. Every cell samples the same prompts with
     the same generator (sample_seed), so the columns differ only by the model."""
-    import torch
-    from contextlib import nullcontext
     from utils import save_image_grid
-    from sample import SampleConfig, load_gpt, load_matching_vqgan, load_text_tokenizer, tokenize_prompts, \
-        generate_images
+    from sample import SampleConfig
     from data.common import read_meta
     defaults = SampleConfig()
     d = data_dir(cfg, cells[0])
@@ -1028,12 +1033,8 @@ def side_by_side(cfg, cells, path=None):
         ckpt_path = os.path.join(run_dir(cfg, cell, cfg.grid_seed), 'ckpt.pt')
         if not os.path.exists(ckpt_path):
             raise SystemExit(f'{ckpt_path} not found: run that cell first (--cells={cell} --seeds={cfg.grid_seed + 1})')
-        model, ckpt = load_gpt(ckpt_path, 'cpu')
-        vq = load_matching_vqgan(ckpt, '', 'cpu')
-        text = tokenize_prompts(repeated, model.config.text_len, load_text_tokenizer(ckpt, ''))
-        g = torch.Generator().manual_seed(cfg.sample_seed)
-        with torch.no_grad():
-            images = generate_images(model, vq, text, nullcontext(), g, defaults.cfg_scale, defaults.temperature)
+        images, ckpt = sample_checkpoint(ckpt_path, repeated, cfg.sample_seed, defaults.cfg_scale,
+                                         defaults.temperature)
         per_cell.append(images.reshape(len(prompts), k, *images.shape[1:]))  # (P, k, H, W, 3)
         print(f'{cell} (step {ckpt.get("iter_num")}): {len(images)} samples')
     grid = np.concatenate(per_cell, axis=1)                                  # (P, cells * k, H, W, 3)
