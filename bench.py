@@ -131,7 +131,7 @@ TOKENIZER_CANDIDATES = {  # name: (VQTrainConfig overrides, fused Adam, recorded
     'no attention, fused Adam': (dict(attention=False), True, 'ceiling 0.868, MSE 0.00115'),
     '1000 steps x 64, lr 4e-3': (dict(batch_size=64, max_iters=1000, lr=4e-3, warmup_iters=50, restart_interval=25),
                                  True, 'ceiling 0.496, MSE 0.00308'),
-    'num_res_blocks=0': (dict(num_res_blocks=0), False, 'ceiling 0.838 / 0.788 (seeds 1337 / 2), MSE 0.00095 / 0.00118'),
+    'num_res_blocks=0': (dict(num_res_blocks=0), False, 'ceiling 0.838 / 0.788 (seeds 1337 / 2), MSE 0.00095/0.00118'),
 }
 OLD_TEACHER = dict(batch_size=256, max_iters=400, patch_size=4)      # + unfused AdamW (the recipe before 8 px patches)
 OLD_ENCODE_BATCH = 256                                               # + torch.no_grad instead of inference_mode

@@ -13,10 +13,11 @@ Aligning to it tells apart "the teacher is weak" from "alignment does not help t
 
 Patch targets (prepare.py --patch_targets=True, for train.py --align_target=patch|both): a CLIP kind gives its ViT's
 patch tokens resampled to the code grid (data/encode.py embed_patch_dataset; a shapes CLIP with 4 px patches on 32 px
-images, as scripts/experiment.py trains, is already the 8x8 code grid; the default 8 px patches' 4x4 grid is pooled up); `scene` gives `ScenePatchTeacher`, its patch-wise twin: for each code cell,
-what it truly shows, from the scene record: the object whose bounding box holds the cell's centre (shape, colour,
-size; else 'empty'), the background colour and texture, and the fraction of the cell's pixel rows in a light stripe,
-through a fixed random projection (seed PATCH_SEED) to D = SCENE_DIM, L2-normalised.
+images, as scripts/experiment.py trains, is already the 8x8 code grid; the default 8 px patches' 4x4 grid is pooled
+up); `scene` gives `ScenePatchTeacher`, its patch-wise twin: for each code cell, what it truly shows, from the
+scene record: the object whose bounding box holds the cell's centre (shape, colour, size; else 'empty'), the
+background colour and texture, and the fraction of the cell's pixel rows in a light stripe, through a fixed random
+projection (seed PATCH_SEED) to D = SCENE_DIM, L2-normalised.
 """
 import hashlib
 import os
