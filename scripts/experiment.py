@@ -818,18 +818,21 @@ def best_cell(rows, world, full_score_steps=(1000, 3000)):
     return Cell.parse(max(scored)[2])
 
 
+def _digits(key):
+    """The format of a metric in the tables: Frechet distances to 0.1, val CE to 1e-4, accuracies to 1e-3."""
+    return '.1f' if key in ('frechet_evaluator', 'fd_vit') else '.4f' if key == 'val_ce' else '.3f'
+
+
 def _cell_text(mean, std, key):
     if np.isnan(mean):
         return 'n/a'
-    fmt = '.1f' if key in ('frechet_evaluator', 'fd_vit') else '.4f' if key == 'val_ce' else '.3f'
-    return f'{mean:{fmt}} +/- {std:{fmt}}'
+    return f'{mean:{_digits(key)}} +/- {std:{_digits(key)}}'
 
 
 def _diff_text(diff, t, p, n, key):
     if np.isnan(diff):
         return ''
-    fmt = '+.1f' if key in ('frechet_evaluator', 'fd_vit') else '+.4f' if key == 'val_ce' else '+.3f'
-    return f'{diff:{fmt}}' + (f' (p={p:.3f})' if not np.isnan(p) else f' (n={n})')
+    return f'{diff:+{_digits(key)}}' + (f' (p={p:.3f})' if not np.isnan(p) else f' (n={n})')
 
 
 def _metric_header(cols, names, paired=PAIRED):
