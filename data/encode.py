@@ -523,9 +523,13 @@ def resample_patch_grid(tokens, src_grid, dst_grid):
     return F.normalize(tokens, dim=-1)                                      # (N, T, D)
 
 
+def _is_vit_teacher(teacher):
+    return isinstance(getattr(teacher, 'grid', None), int)  # teacher.ViTTeacher: a square grid of its own
+
+
 def teacher_patch_grid(teacher):
     """(h, w) of a teacher's patch tokens: a ViTTeacher's grid, or a CLIP's vision-tower grid (image / patch size)."""
-    if isinstance(getattr(teacher, 'grid', None), int):  # teacher.ViTTeacher
+    if _is_vit_teacher(teacher):
         return (teacher.grid, teacher.grid)
     grid = getattr(getattr(teacher.model, 'visual', None), 'grid_size', None)
     if grid is None:
@@ -535,7 +539,7 @@ def teacher_patch_grid(teacher):
 
 def teacher_patch_dim(teacher):
     """Width of a teacher's patch tokens: a ViTTeacher's embedding width, a CLIP's vision-tower width."""
-    if isinstance(getattr(teacher, 'grid', None), int):  # teacher.ViTTeacher
+    if _is_vit_teacher(teacher):
         return teacher.dim
     teacher_patch_grid(teacher)  # a clear error for a teacher without patch tokens
     return teacher.model.visual.transformer.width
