@@ -238,13 +238,12 @@ def test_targets_plan_screens_every_target_and_the_controls_per_world(tmp_path):
     fashion = ex.planned_runs(ex.ExperimentConfig(plan='targets', worlds='fashion', out_dir=str(tmp_path)))
     assert {str(c) for c, _, _ in fashion} == {'fashion:none:0:4:1', 'fashion:vit:1:4:1', 'fashion:vit:0.5:4:1:patch',
                                                'fashion:vit:0.5:4:1:both', 'fashion:vit_shuffled:0.5:4:1:patch'}
-    encode = dict((n, cmd) for n, cmd, _ in ex.prepare_steps(cfg, 'fashion', 'clip'))['encode']
-    assert '--patch_targets=True' in encode
+    fashion_clip = dict((n, cmd) for n, cmd, _ in ex.prepare_steps(cfg, 'fashion', 'clip'))
+    assert '--patch_targets=True' in fashion_clip['encode']
     # the data dirs that a patch cell reads are encoded with their patch targets
     steps = dict((n, (cmd, done)) for n, cmd, done in ex.prepare_steps(cfg, 'plan', 'clip', patch=True))
     assert '--patch_targets=True' in steps['encode'][0] and not steps['encode'][1]
     # the studies' CLIP teachers keep 4 px patches (8x8 = the code grid), whatever train_teacher.py's default is
-    fashion_clip = dict((n, cmd) for n, cmd, _ in ex.prepare_steps(cfg, 'fashion', 'clip'))
     assert '--patch_size=4' in steps['teacher'][0] and '--patch_size=4' in fashion_clip['teacher']
     assert ex.needs_patch(runs, 'plan', 'scene') and ex.needs_patch(runs, 'default', 'clip')
     assert not ex.needs_patch([(ex.Cell.parse('plan:clip:1:4:1'), 0, 1000)], 'plan', 'clip')
