@@ -55,6 +55,13 @@ out_dir/results.jsonl, one line per scored stage, appended the moment it finishe
 teacher and command; then results.md (one table per world and budget: mean +/- std over seeds, paired differences
 against the baseline with paired t-tests), results.json and curves.png. out_dir/ceiling_<world>.json: the scores of
 the tokenizer's own reconstructions of val images, the best any GPT can reach through it.
+
+The record (`--record=docs/results/global-vs-patch.jsonl`): out_dir is generated and stays on the machine that ran it,
+but a 5-seed plan takes more CPU-hours than one sitting has. With --record, every row scored at a full-score step is
+also appended to that file, which is small and committed, and the plan leaves out the runs it already holds, so
+machines that each start from an empty out_dir add to one table. Each machine trains its own tokenizer and teachers,
+so each row carries its draw (the tokenizer's sha256); a cell pairs with the baseline of the same seed and draw only,
+and a cell left to run brings its baseline along. --report_only=True reads the record too.
 """
 import os
 import sys
@@ -128,6 +135,7 @@ class ExperimentConfig:
     prepare: bool = False               # make the data dirs the planned cells need, then stop
     dry_run: bool = False               # print the plan and its CPU estimate; run nothing
     report_only: bool = False           # skip training; rebuild the tables and figure from results.jsonl
+    record: str = ''                    # a committed JSONL of finished runs across machines (see "The record")
     grid: str = ''                      # cells (comma-separated) whose finished runs of grid_seed sample side by side
     grid_seed: int = 0                  # the run seed of those runs; the sampling noise is sample_seed for all
     grid_per_prompt: int = 6            # samples per prompt and cell in the grid
@@ -300,7 +308,14 @@ PLANS = {'screen': dict(seeds=1, steps=1000), 'confirm': dict(seeds=3, steps=100
 
 
 def planned_runs(cfg, rows=None):
-    """-> list of (cell, seed, steps) the config asks for."""
+    """-> list of (cell, seed, steps) the config asks for, less those the record (--record) already holds."""
+    if rows is None:
+        rows = load_results(cfg.out_dir, cfg.record)
+    runs = _plan_runs(cfg, rows)
+    return not_recorded(runs, read_jsonl(cfg.record)) if cfg.record else runs
+
+
+def _plan_runs(cfg, rows):
     if cfg.plan not in PLANS:
         raise ValueError(f'--plan={cfg.plan!r}: choose one of {", ".join(PLANS)}')
     worlds = [w for w in cfg.worlds.split(',') if w]
@@ -321,10 +336,10 @@ def planned_runs(cfg, rows=None):
         if cfg.plan == 'targets':
             return [(c, s, steps) for s in range(seeds) for w in tw for c in target_cells(w)]
         best = ([Cell.parse(b) for b in cfg.best.split(',') if b] if cfg.best != 'auto' else
-                [best_target_cell(rows if rows is not None else load_results(cfg.out_dir), w) for w in tw])
+                [best_target_cell(rows, w) for w in tw])
         return [(c, s, steps) for s in range(seeds) for c in target_confirm_cells(tw, best)]
     best = ([Cell.parse(b) for b in cfg.best.split(',') if b] if cfg.best != 'auto' else
-            [best_cell(rows if rows is not None else load_results(cfg.out_dir), w) for w in worlds])
+            [best_cell(rows, w) for w in worlds])
     if cfg.plan == 'curves':
         return [(c, s, steps) for s in range(seeds) for c in curve_cells(worlds, best)]
     main, controls = confirm_cells(worlds, best)
@@ -588,6 +603,26 @@ def last_val_ce(log_path, step):
     return val
 
 
+def draw_of(row):
+    """The data draw a row was scored on: the first 12 hex digits of the sha256 of the tokenizer its data dir was
+    encoded with. A machine that trains its own tokenizer (and teachers) makes a new draw; runs pair within one."""
+    return row.get('draw') or (row.get('vqgan_sha256') or 'unknown')[:12]
+
+
+def not_recorded(runs, record_rows):
+    """The planned runs the record does not make redundant. A cell's run is done when the record holds it at its last
+    step together with its baseline's run of the same seed and draw (a pair); a baseline's run is done when the
+    record holds it and no cell of its seed is left to run, since a cell run here needs a baseline of this draw."""
+    have = {(r['cell'], r['seed'], r['step'], draw_of(r)) for r in record_rows}
+    draws = {d for *_, d in have}
+    paired = lambda c, s, n: any((str(c), s, n, d) in have and (str(c.baseline), s, n, d) in have  # noqa: E731
+                                 for d in draws)
+    todo = [(c, s, n) for c, s, n in runs if c.teacher != 'none' and not paired(c, s, n)]
+    needed = {(str(c.baseline), s, n) for c, s, n in todo}
+    return [(c, s, n) for c, s, n in runs if (c, s, n) in todo or (c.teacher == 'none' and (
+        (str(c), s, n) in needed or not any((str(c), s, n, d) in have for d in draws)))]
+
+
 def read_jsonl(path):
     if not os.path.exists(path):
         return []
@@ -636,12 +671,15 @@ def run_one(cfg, cell, seed, steps):
             n = cfg.fashion_prompts
         metrics, images = score_checkpoint(os.path.join(out, 'ckpt.pt'), cfg, cell.world, prompts[:n], evaluator, real)
         row = dict(run=f'{cell.name}_s{seed}', cell=str(cell), **asdict(cell), seed=seed, step=step,
+                   draw=meta['vqgan']['sha256'][:12], date=time.strftime('%Y-%m-%d', time.gmtime()),
                    val_ce=last_val_ce(os.path.join(out, 'log.jsonl'), step), train_s=round(t1 - t0, 1),
                    score_s=round(time.time() - t1, 1), data_dir=d, teacher_identity=meta['teacher'],
                    teacher_caption_r2=meta.get('teacher_caption_r2'), vqgan_sha256=meta['vqgan']['sha256'],
                    train_command=' '.join(cmd[1:])) | metrics
         append_jsonl(metrics_path, row)
         append_jsonl(os.path.join(cfg.out_dir, 'results.jsonl'), row)
+        if cfg.record and step in cfg.full_score_steps:
+            append_jsonl(cfg.record, row)
         if step == steps:
             save_image_grid(images[:64], os.path.join(out, f'samples_{step}.png'), nrow=8, scale=3)
         print(f'[{cell} s{seed}] step {step}: val_ce {row["val_ce"]:.4f} prompt_acc {row["prompt_acc"]:.3f} '
@@ -713,6 +751,8 @@ def print_plan(cfg, runs):
         prep += cost
         print(f'  data {data_dir(cfg, Cell(world, kind, 1.0, 4, 1)):<34} ' +
               (f'to do: {", ".join(todo)} (~{cost:.0f} CPU-min)' if todo else 'ready'))
+    if cfg.record:
+        print(f'  record {cfg.record}: {len(read_jsonl(cfg.record))} rows; the runs it holds are left out')
     total = 0.0
     print(f'  {"run":<40}{"seed":>5}{"done":>7}{"steps":>7}{"CPU-min":>9}')
     for cell, seed, steps in runs:
@@ -728,11 +768,12 @@ def print_plan(cfg, runs):
 # ----------------------------------------------------------------------------------------------------------------
 # the report: tables, paired tests, curves
 
-def load_results(out_dir):
-    """The rows of out_dir/results.jsonl, the last one of each (cell, seed, step) (a rescored stage replaces)."""
+def load_results(out_dir, record=''):
+    """The rows of the record (if any) and out_dir/results.jsonl, the last one of each (cell, seed, step, draw): a
+    rescored stage replaces, and a run in both files counts once."""
     rows = {}
-    for r in read_jsonl(os.path.join(out_dir, 'results.jsonl')):
-        rows[(r['cell'], r['seed'], r['step'])] = r
+    for r in (read_jsonl(record) if record else []) + read_jsonl(os.path.join(out_dir, 'results.jsonl')):
+        rows[(r['cell'], r['seed'], r['step'], draw_of(r))] = r
     return list(rows.values())
 
 
@@ -776,21 +817,21 @@ def cell_order(cell_text):
 
 
 def summarise(rows, full_score_steps):
-    """{'<world>@<step>': {cell: dict(seeds, metrics={key: (mean, std, values)}, paired={key: (diff, t, p, n)})}}
-    over the full-score steps; paired: against the cell's baseline (same world, depth, step, seeds)."""
+    """{'<world>@<step>': {cell: dict(seeds, draws, metrics={key: (mean, std, values)}, paired={key: (diff, t, p,
+    n)})}} over the full-score steps; paired: against the cell's baseline (same world, depth, step, seed and draw)."""
     by = {}
     for r in rows:
         if r['step'] in full_score_steps:
-            by.setdefault((r['world'], r['step']), {}).setdefault(r['cell'], {})[r['seed']] = r
+            by.setdefault((r['world'], r['step']), {}).setdefault(r['cell'], {})[(r['seed'], draw_of(r))] = r
     summary = {}
     for (world, step), cells in sorted(by.items(), key=lambda kv: (WORLDS.index(kv[0][0]), kv[0][1])):
         table = {}
         for cell_text in sorted(cells, key=cell_order):
             runs, cell = cells[cell_text], Cell.parse(cell_text)
-            seeds = sorted(runs)
-            entry = dict(seeds=seeds, metrics={})
+            keys = sorted(runs)  # (seed, draw): one replicate each
+            entry = dict(seeds=[s for s, _ in keys], draws=sorted({d for _, d in keys}), metrics={})
             for k in metric_keys(world):
-                vals = [float(runs[s].get(k, float('nan'))) for s in seeds]
+                vals = [float(runs[s].get(k, float('nan'))) for s in keys]
                 entry['metrics'][k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                                        vals)
             base = cells.get(str(cell.baseline))
@@ -914,12 +955,12 @@ def target_markdown(summary):
 
 
 def paired_curve(rows, cell_text, key):
-    """-> (steps, mean of cell - baseline over the seeds both reached at each step, the number of those seeds)."""
+    """-> (steps, mean of cell - baseline over the (seed, draw) runs both reached at each step, how many)."""
     base_text = str(Cell.parse(cell_text).baseline)
     runs = {}
     for r in rows:
         if r['cell'] in (cell_text, base_text) and r.get(key) is not None:
-            runs.setdefault(r['step'], {}).setdefault(r['cell'], {})[r['seed']] = r[key]
+            runs.setdefault(r['step'], {}).setdefault(r['cell'], {})[(r['seed'], draw_of(r))] = r[key]
     steps, diffs, ns = [], [], []
     for step in sorted(runs):
         cell, base = runs[step].get(cell_text, {}), runs[step].get(base_text, {})
@@ -1000,9 +1041,11 @@ def teacher_markdown(rows):
 def report(cfg):
     """results.jsonl -> results.md, results.json, curves.png (what --report_only=True runs)."""
     from utils import atomic_write_bytes
-    rows = load_results(cfg.out_dir)
+    rows = load_results(cfg.out_dir, cfg.record)
     if not rows:
-        raise SystemExit(f'no results in {os.path.join(cfg.out_dir, "results.jsonl")} yet')
+        raise SystemExit(f'no results in {os.path.join(cfg.out_dir, "results.jsonl")}' +
+                         (f' or {cfg.record}' if cfg.record else '') + ' yet')
+    os.makedirs(cfg.out_dir, exist_ok=True)
     ceilings = {w: json.load(open(p)) for w in WORLDS
                 if os.path.exists(p := os.path.join(cfg.out_dir, f'ceiling_{w}.json'))}
     summary, teachers = summarise(rows, cfg.full_score_steps), teacher_rows(cfg)

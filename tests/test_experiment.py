@@ -292,3 +292,51 @@ def test_report_has_the_global_vs_patch_table(tmp_path, capsys):
     labels = [l.split('|')[1].strip() for l in md[md.index('### global vs patch: plan world, step 1000') + 4:][:6]]
     assert labels == ['none (baseline)', 'global (w 1)', 'patch (w 0.5)', 'both (w 0.5)', 'patch shuffled (w 0.5)',
                       'patch (scene oracle) (w 0.5)']
+
+
+def test_the_record_leaves_out_recorded_pairs_and_brings_a_baseline_to_each_cell_left(tmp_path):
+    """--record: a cell recorded with its baseline (same seed and draw) is not run again; a cell recorded without
+    one, or not at all, runs with its baseline on this machine's draw; a recorded baseline with no cell of its seed
+    left is not rerun."""
+    rng = np.random.default_rng(2)
+    cells = ('plan:none:0:4:1', 'plan:clip:1:4:1', 'plan:clip:0.5:4:1:both', 'plan:clip_shuffled:0.5:4:1:both')
+    record = [dict(fake_row(c, 0, 3000, rng), draw='A') for c in cells[:3]]        # seed 0: no shuffled twin
+    record += [dict(fake_row(c, 1, 3000, rng), draw='A') for c in cells]            # seed 1: complete
+    record += [dict(fake_row(cells[1], 2, 3000, rng), draw='A'),                   # seed 2: its baseline elsewhere
+               dict(fake_row(cells[0], 2, 3000, rng), draw='B'), dict(fake_row(cells[0], 3, 3000, rng), draw='B')]
+    record += [dict(fake_row(c, 0, 1000, rng), draw='A') for c in cells]            # a shorter stage: not the run
+    path = tmp_path / 'record.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in record))
+    runs = [(ex.Cell.parse(c), s, 3000) for s in range(4) for c in cells]
+    left = {(str(c), s) for c, s, _ in ex.not_recorded(runs, ex.read_jsonl(str(path)))}
+    assert left == {(cells[0], 0), (cells[3], 0), (cells[0], 2), (cells[1], 2), (cells[2], 2), (cells[3], 2),
+                    (cells[0], 3), (cells[1], 3), (cells[2], 3), (cells[3], 3)}
+    assert ex.not_recorded([(ex.Cell.parse(cells[0]), 3, 3000)], ex.read_jsonl(str(path))) == []
+    cfg = ex.ExperimentConfig(plan='targets_confirm', worlds='plan', out_dir=str(tmp_path / 'out'), seeds=4,
+                              best='plan:clip:0.5:4:1:both', record=str(path))
+    assert {(str(c), s) for c, s, _ in ex.planned_runs(cfg)} == left
+    assert len(ex.planned_runs(ex.ExperimentConfig(**(vars(cfg) | dict(record=''))))) == 16
+
+
+def test_pairs_form_within_a_draw(tmp_path):
+    """Two machines' draws of the same seeds: each cell pairs with the baseline of its own draw, never across, and
+    every (seed, draw) is a replicate; --report_only=True reads the record without any out_dir results."""
+    rows = []
+    for draw, base, gain in (('A', 0.30, 0.10), ('B', 0.50, 0.02)):
+        for s in (0, 1):
+            rows += [dict(fake_row('plan:none:0:4:1', s, 3000, np.random.default_rng(s)), draw=draw,
+                          prompt_acc=base + 0.01 * s, geneval_overall=0.4),
+                     dict(fake_row('plan:clip:0.5:4:1:both', s, 3000, np.random.default_rng(s)), draw=draw,
+                          prompt_acc=base + 0.01 * s + gain, geneval_overall=0.4)]
+    rows.append(dict(rows[-1], draw='C'))  # a cell run without its baseline's draw: unpaired, still counted
+    (tmp_path / 'record.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    got = ex.load_results(str(tmp_path / 'out'), str(tmp_path / 'record.jsonl'))
+    e = ex.summarise(got, (3000,))['plan@3000']['plan:clip:0.5:4:1:both']
+    assert e['seeds'] == [0, 0, 1, 1, 1] and e['draws'] == ['A', 'B', 'C']
+    diff, t, p, n = e['paired']['prompt_acc']
+    ref = stats.ttest_rel([0.40, 0.52, 0.41, 0.53], [0.30, 0.50, 0.31, 0.51])
+    assert n == 4 and diff == pytest.approx(0.06) and p == pytest.approx(ref.pvalue)
+    ex.main(ex.ExperimentConfig(out_dir=str(tmp_path / 'out'), report_only=True, full_score_steps=(3000,),
+                                record=str(tmp_path / 'record.jsonl'), data_root=str(tmp_path / 'data')))
+    md = (tmp_path / 'out' / 'results.md').read_text()
+    assert '| both (w 0.5) | `plan:clip:0.5:4:1:both` | 5 | ' in md and '+0.060 (p=' in md

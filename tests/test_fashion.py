@@ -401,7 +401,7 @@ def test_fashion_run_end_to_end(prepared, tmp_path):
     cfg = ex.ExperimentConfig(plan='fashion', out_dir=str(tmp_path / 'out'), data_root=str(root), stages=(2,),
                               schedule_steps=2, full_score_steps=(2,), fashion_prompts=20,
                               fashion_vqgan=prepared['cfg'].vqgan, fashion_classifier=str(tmp_path / 'clf.pt'),
-                              fashion_vit_samples=8, grid_per_prompt=2,
+                              fashion_vit_samples=8, grid_per_prompt=2, record=str(tmp_path / 'record.jsonl'),
                               train_args='--n_head=2 --n_embd=32 --batch_size=4 --peak_flops=1e11 --eval_rows=20 '
                                          '--warmup_iters=1')
     torch.manual_seed(0)
@@ -415,6 +415,8 @@ def test_fashion_run_end_to_end(prepared, tmp_path):
     assert 0 <= rows[0]['prompt_acc'] <= 1 and rows[0]['frechet_evaluator'] > 0 and rows[0]['fd_vit'] > 0
     assert rows[0]['n_fd_vit'] == 8
     json.dumps(rows[0])
+    # the record (--record) holds the same row, with the draw it was scored on: the tokenizer's sha256
+    assert ex.read_jsonl(cfg.record) == rows and rows[0]['draw'] == rows[0]['vqgan_sha256'][:12]
     # the side-by-side grid: a row per class prompt; the same run twice gives twice the same columns (same noise)
     cell = ex.Cell.parse('fashion:vit:1:2:1')
     path, grid = ex.side_by_side(cfg, [cell, cell])
