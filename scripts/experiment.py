@@ -678,8 +678,8 @@ def run_one(cfg, cell, seed, steps):
                    train_command=' '.join(cmd[1:])) | metrics
         append_jsonl(metrics_path, row)
         append_jsonl(os.path.join(cfg.out_dir, 'results.jsonl'), row)
-        if cfg.record and step in cfg.full_score_steps:
-            append_jsonl(cfg.record, row)
+        if cfg.record and step in cfg.full_score_steps:  # committed: paths relative to the repo, as in the commands
+            append_jsonl(cfg.record, json.loads(json.dumps(row).replace(ROOT + os.sep, '')))
         if step == steps:
             save_image_grid(images[:64], os.path.join(out, f'samples_{step}.png'), nrow=8, scale=3)
         print(f'[{cell} s{seed}] step {step}: val_ce {row["val_ce"]:.4f} prompt_acc {row["prompt_acc"]:.3f} '
