@@ -311,8 +311,7 @@ def planned_runs(cfg, rows=None):
     """-> list of (cell, seed, steps) the config asks for, less those the record (--record) already holds."""
     if rows is None:
         rows = load_results(cfg.out_dir, cfg.record)
-    runs = _plan_runs(cfg, rows)
-    return not_recorded(runs, read_jsonl(cfg.record)) if cfg.record else runs
+    return not_recorded(_plan_runs(cfg, rows), read_jsonl(cfg.record))  # no record: every run is left to do
 
 
 def _plan_runs(cfg, rows):
@@ -613,14 +612,13 @@ def not_recorded(runs, record_rows):
     """The planned runs the record does not make redundant. A cell's run is done when the record holds it at its last
     step together with its baseline's run of the same seed and draw (a pair); a baseline's run is done when the
     record holds it and no cell of its seed is left to run, since a cell run here needs a baseline of this draw."""
-    have = {(r['cell'], r['seed'], r['step'], draw_of(r)) for r in record_rows}
-    draws = {d for *_, d in have}
-    paired = lambda c, s, n: any((str(c), s, n, d) in have and (str(c.baseline), s, n, d) in have  # noqa: E731
-                                 for d in draws)
-    todo = [(c, s, n) for c, s, n in runs if c.teacher != 'none' and not paired(c, s, n)]
-    needed = {(str(c.baseline), s, n) for c, s, n in todo}
-    return [(c, s, n) for c, s, n in runs if (c, s, n) in todo or (c.teacher == 'none' and (
-        (str(c), s, n) in needed or not any((str(c), s, n, d) in have for d in draws)))]
+    draws = {}  # (cell, seed, step) -> the draws the record holds it on
+    for r in record_rows:
+        draws.setdefault((r['cell'], r['seed'], r['step']), set()).add(draw_of(r))
+    held = lambda c, s, n: draws.get((str(c), s, n), set())  # noqa: E731
+    todo = {(c, s, n) for c, s, n in runs if c.teacher != 'none' and not held(c, s, n) & held(c.baseline, s, n)}
+    needed = {(c.baseline, s, n) for c, s, n in todo}
+    return [run for run in runs if run in todo or (run[0].teacher == 'none' and (run in needed or not held(*run)))]
 
 
 def read_jsonl(path):
@@ -772,7 +770,7 @@ def load_results(out_dir, record=''):
     """The rows of the record (if any) and out_dir/results.jsonl, the last one of each (cell, seed, step, draw): a
     rescored stage replaces, and a run in both files counts once."""
     rows = {}
-    for r in (read_jsonl(record) if record else []) + read_jsonl(os.path.join(out_dir, 'results.jsonl')):
+    for r in read_jsonl(record) + read_jsonl(os.path.join(out_dir, 'results.jsonl')):
         rows[(r['cell'], r['seed'], r['step'], draw_of(r))] = r
     return list(rows.values())
 
@@ -828,16 +826,16 @@ def summarise(rows, full_score_steps):
         table = {}
         for cell_text in sorted(cells, key=cell_order):
             runs, cell = cells[cell_text], Cell.parse(cell_text)
-            keys = sorted(runs)  # (seed, draw): one replicate each
-            entry = dict(seeds=[s for s, _ in keys], draws=sorted({d for _, d in keys}), metrics={})
+            reps = sorted(runs)  # (seed, draw): one replicate each
+            entry = dict(seeds=[s for s, _ in reps], draws=sorted({d for _, d in reps}), metrics={})
             for k in metric_keys(world):
-                vals = [float(runs[s].get(k, float('nan'))) for s in keys]
+                vals = [float(runs[rep].get(k, float('nan'))) for rep in reps]
                 entry['metrics'][k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                                        vals)
             base = cells.get(str(cell.baseline))
             if cell.teacher != 'none' and base:
-                common = sorted(set(runs) & set(base))
-                entry['paired'] = {k: paired_test([runs[s][k] for s in common], [base[s][k] for s in common]) +
+                common = sorted(set(runs) & set(base))  # the (seed, draw) replicates both have
+                entry['paired'] = {k: paired_test([runs[r][k] for r in common], [base[r][k] for r in common]) +
                                    (len(common),) for k in paired_keys(world)}
             table[cell_text] = entry
         summary[f'{world}@{step}'] = table
