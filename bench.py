@@ -18,6 +18,8 @@ Speed figures of the project, each a ratio against a baseline measured in the sa
 The first row, the fp32 matmul GFLOP/s of utils.measure_peak_flops, is the figure scripts/shapes_pipeline.sh prints
 beside its step times: it places this machine against the ones the README's times were measured on.
 """
+import copy
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -132,14 +134,24 @@ TOKENIZER_CANDIDATES = {  # name: (VQTrainConfig overrides, fused Adam, recorded
     '1000 steps x 64, lr 4e-3': (dict(batch_size=64, max_iters=1000, lr=4e-3, warmup_iters=50, restart_interval=25),
                                  True, 'ceiling 0.496, MSE 0.00308'),
     'num_res_blocks=0': (dict(num_res_blocks=0), False, 'ceiling 0.838 / 0.788 (seeds 1337 / 2), MSE 0.00095/0.00118'),
+    'batch 8': (dict(batch_size=8), False, 'ceiling 0.596, MSE 0.00227 (its draw of today: 0.953, 0.00077)'),
+    '1667 steps, lr 5e-3': (dict(max_iters=1667, lr=5e-3), False, 'ceiling 0.433, MSE 0.00350 (lr 2e-3: 0.420)'),
 }
 OLD_TEACHER = dict(batch_size=256, max_iters=400, patch_size=4)      # + unfused AdamW (the recipe before 8 px patches)
 OLD_ENCODE_BATCH = 256                                               # + torch.no_grad instead of inference_mode
+
 RECORDED = {  # quality of full runs (docs/speed.md, sections 2-3, with their commands)
     'tokenizer': dict(old='ceiling 0.930, val MSE 0.00077'),
     'teacher': dict(old='top-1 0.568, in-100 0.908, bg 1.000/0.970', new='top-1 0.838, in-100 0.981, bg 0.997/1.000'),
-    'encode': dict(old='', new='codes bit-identical to batch 256; the 8 px teacher above'),
+    'encode': dict(old='', new='codes bit-identical to batch 256 and the argmin search; the 8 px teacher above'),
 }
+
+
+def nearest_codes_before(quantizer, z):
+    """The encode baseline's nearest-code search (vqgan.py before docs/speed.md's change): the sums written out, then
+    torch.argmin. Same codes as today's addmm + min, ~2x slower on a CPU."""
+    e = quantizer.codebook()                                                                     # (K, D)
+    return torch.argmin(torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1) - 2 * (z @ e.t()), dim=1)
 
 
 def interleaved(fns, rounds, reps):
@@ -218,7 +230,8 @@ def bench_teacher_recipe(cfg, images):
 
 def bench_encode_recipe(cfg, images):
     """Seconds per image of the shapes encode (tokenizer codes + teacher embedding): the old recipe (batches of 256,
-    no_grad, the 4 px teacher) vs today's (PrepareConfig's batch, inference_mode, ClipTrainConfig's teacher)."""
+    no_grad, the 4 px teacher, the old nearest-code search) vs today's (PrepareConfig's batch, inference_mode,
+    ClipTrainConfig's teacher)."""
     from dataclasses import replace
     from data.shapes.prepare import PrepareConfig
     from data.shapes.train_tokenizer import VQTrainConfig
@@ -234,12 +247,14 @@ def bench_encode_recipe(cfg, images):
     old_teacher = Teacher(c.base_model, **clip_model_kwargs(replace(c, **OLD_TEACHER), 32))
     imgs = images[0]
     new_batch = PrepareConfig().batch_size
+    old_vq = copy.deepcopy(vq)
+    old_vq.quantize.nearest_codes = functools.partial(nearest_codes_before, old_vq.quantize)
 
-    def old():  # the encode before: batches of 256 under no_grad
+    def old():  # the encode before: batches of 256 under no_grad, the old nearest-code search
         with torch.no_grad():
             for i in range(0, len(imgs), OLD_ENCODE_BATCH):
                 x = torch.from_numpy(imgs[i:i + OLD_ENCODE_BATCH])
-                vq.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+                old_vq.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
                 old_teacher.embed(x.permute(0, 3, 1, 2), batch_size=OLD_ENCODE_BATCH)
 
     def new():
@@ -312,7 +327,7 @@ def main(cfg):
                      f'{tea["ratio"]:.2f}x'))
         rows.append(('shapes encode (codes + teacher)', f'{enc["new_img"] * 1e3:.2f} ms/img (batch {enc["new_batch"]}); '
                      f'{RECORDED["encode"]["new"]}', f'{enc["old_img"] * 1e3:.2f} ms/img (batch {enc["old_batch"]}, '
-                     f'4 px teacher)',
+                     f'4 px teacher, argmin search)',
                      f'{enc["ratio"]:.2f}x'))
     fr = bench_frechet(cfg)
     rows.append((f'Frechet distance {fr["dim"]}-d', f'{fr["fast_s"]:.2f} s eigen route', f'{fr["sqrtm_s"]:.2f} s sqrtm',

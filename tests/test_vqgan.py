@@ -67,6 +67,21 @@ def test_quantizer_picks_nearest_code_in_raster_order(l2_norm):
     assert len(codes.unique()) > 1  # not a degenerate single-code case
 
 
+
+@pytest.mark.parametrize('l2_norm', [True, False])
+def test_nearest_code_search_equals_the_written_out_argmin_and_keeps_the_first_tie(l2_norm):
+    """The addmm + min search returns exactly the codes of the sums written out + torch.argmin (bench.py's encode
+    baseline), over more latents than one distance block, and of two identical codes the first."""
+    from bench import nearest_codes_before
+    q = tiny_model(codebook_l2_norm=l2_norm).quantize
+    with torch.no_grad():
+        q.embedding.weight[5] = q.embedding.weight[3]                     # codes 3 and 5 tie everywhere
+    z = torch.randn(vqgan.DISTANCE_CHUNK + 1000, 8, generator=torch.Generator().manual_seed(0))  # (N, D)
+    z[:10] = q.codebook()[3].detach()                                    # latents exactly on the tied code
+    codes = q.nearest_codes(z)                                           # (N,)
+    assert torch.equal(codes, nearest_codes_before(q, z))
+    assert (codes[:10] == 3).all() and len(codes.unique()) > 30
+
 def test_straight_through_and_loss_terms():
     """The STE copies gradients to the encoder; commitment moves only the encoder, the codebook term only the
     codes; beta weights the commitment term (as LlamaGen, not taming)."""
