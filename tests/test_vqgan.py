@@ -67,7 +67,6 @@ def test_quantizer_picks_nearest_code_in_raster_order(l2_norm):
     assert len(codes.unique()) > 1  # not a degenerate single-code case
 
 
-
 @pytest.mark.parametrize('l2_norm', [True, False])
 def test_nearest_code_search_equals_the_written_out_argmin_and_keeps_the_first_tie(l2_norm):
     """The addmm + min search returns exactly the codes of the sums written out + torch.argmin (bench.py's encode
@@ -81,6 +80,7 @@ def test_nearest_code_search_equals_the_written_out_argmin_and_keeps_the_first_t
     codes = q.nearest_codes(z)                                           # (N,)
     assert torch.equal(codes, nearest_codes_before(q, z))
     assert (codes[:10] == 3).all() and len(codes.unique()) > 30
+
 
 def test_straight_through_and_loss_terms():
     """The STE copies gradients to the encoder; commitment moves only the encoder, the codebook term only the
