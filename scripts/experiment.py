@@ -8,7 +8,7 @@ same seed (paired).
     python scripts/experiment.py                           # the screen: one seed per cell, 1000 steps
     python scripts/experiment.py --plan=confirm            # 3 paired seeds at 1000 steps: paper defaults, best cell
     python scripts/experiment.py --plan=curves --worlds=plan   # seed 0 of the main cells continued to 3000 steps
-    python scripts/experiment.py --cells="plan:scene:1:4:1,plan:none:0:4:1" --seeds=5 --steps=3000
+    python scripts/experiment.py --cells=plan:scene:1:4:1 --seeds=5 --steps=3000   # a cell and its baseline
     python scripts/experiment.py --report_only=True        # rebuild results.md and curves.png from results.jsonl
     python scripts/experiment.py --plan=targets --dry_run=True   # global vs patch targets (docs/global-vs-patch.md)
     python scripts/experiment.py --plan=targets_confirm          # their leading cells, 5 paired seeds to 3000 steps
@@ -117,7 +117,7 @@ PREP_MINUTES = {'clip': 4 + 1.5, 'clip_strong': 20 + 1.5, 'scene': 1.5}
 class ExperimentConfig:
     out_dir: str = 'out/regime_map'     # runs/, results.jsonl, results.md, curves.png, teachers/
     plan: str = 'screen'                # 'screen' | 'confirm' | 'curves' (docstring); --cells replaces its cells
-    cells: str = ''                     # comma-separated 'world:teacher:align_weight:n_layer:align_layer'
+    cells: str = ''                     # comma-separated 'world:teacher:align_weight:n_layer:align_layer' (+ baselines)
     worlds: str = 'default,plan'        # the worlds the plan's cells are made for
     best: str = 'auto'                  # confirm/curves: the best screened cell(s), comma-separated; 'auto' = results
     seeds: int = 0                      # seeds 0..seeds-1 per cell, shared by all cells (paired); 0 = the plan's
@@ -322,8 +322,10 @@ def _plan_runs(cfg, rows):
         raise ValueError(f'--worlds={cfg.worlds!r}: choose from {", ".join(WORLDS)}')
     seeds, steps = cfg.seeds or PLANS[cfg.plan]['seeds'], cfg.steps or PLANS[cfg.plan]['steps']
     # seed by seed, so each seed's cells and their baselines finish together (the pairs of the paired tests)
-    if cfg.cells:
-        return [(Cell.parse(c), s, steps) for s in range(seeds) for c in cfg.cells.split(',') if c]
+    if cfg.cells:  # each named cell brings its baseline (the other half of its pairs), listed once
+        named = [Cell.parse(c) for c in cfg.cells.split(',') if c]
+        cells = list(dict.fromkeys(c for cell in named for c in (cell.baseline, cell)))
+        return [(c, s, steps) for s in range(seeds) for c in cells]
     if cfg.plan == 'fashion':
         return [(c, s, steps) for s in range(seeds) for c in fashion_cells()]
     if 'fashion' in worlds and not cfg.plan.startswith('targets'):

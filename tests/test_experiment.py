@@ -70,8 +70,11 @@ def test_screen_plan_has_every_arm_and_a_baseline_for_each_depth():
         assert {c.align_weight for c in cells if c.world == w and c.teacher == 'scene'} == {0.3, 1.0}
     assert all(c.baseline in cells for c in cells)
     assert ex.Cell.parse('default:clip:1:8:3') in cells and ex.Cell.parse('plan:clip_strong:1:4:1') in cells
-    one = ex.planned_runs(ex.ExperimentConfig(worlds='plan', cells='plan:scene:1:4:1', seeds=5, steps=3000))
-    assert one == [(ex.Cell.parse('plan:scene:1:4:1'), s, 3000) for s in range(5)]
+    # --cells: each named cell with its baseline (once, however many cells share it), seed by seed
+    one = ex.planned_runs(ex.ExperimentConfig(worlds='plan', cells='plan:scene:1:4:1,plan:clip:1:4:1,plan:none:0:4:1',
+                                              seeds=5, steps=3000))
+    named = [ex.Cell.parse(c) for c in ('plan:none:0:4:1', 'plan:scene:1:4:1', 'plan:clip:1:4:1')]
+    assert one == [(c, s, 3000) for s in range(5) for c in named]
 
 
 def test_confirm_plan_takes_the_best_screened_cell(results):
